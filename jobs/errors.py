@@ -1,0 +1,31 @@
+"""Domain errors. The CLI turns these into clear messages; nothing else catches them blindly."""
+
+from __future__ import annotations
+
+
+class NightshiftError(Exception):
+    """Base of every error nightshift reports to a user."""
+
+
+class InputError(NightshiftError):
+    """A submitted file has bad lines. ``problems`` holds ``FILE:LINE: reason`` strings."""
+
+    def __init__(self, problems: list[str], more: int = 0):
+        self.problems = problems
+        self.more = more
+        text = "\n".join(problems)
+        if more:
+            text += f"\n... and {more} more bad lines"
+        super().__init__(text)
+
+
+class NotFound(NightshiftError):
+    """A job, request or model that does not exist."""
+
+
+class ModelError(NightshiftError):
+    """A model cannot be found, imported, converted or loaded."""
+
+
+class ResourceError(NightshiftError):
+    """The machine cannot hold what was asked (memory, disk)."""

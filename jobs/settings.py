@@ -1,0 +1,57 @@
+"""Where nightshift keeps its data, and every default in one place.
+
+Nothing here is resolved at import time: each function reads the environment when
+called, so tests (and flags) can redirect everything.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+HOME_ENV = "NIGHTSHIFT_HOME"
+DATABASE_URL_ENV = "NIGHTSHIFT_DATABASE_URL"
+QUEUE_URL_ENV = "NIGHTSHIFT_QUEUE_URL"
+MODEL_ENV = "NIGHTSHIFT_MODEL"
+
+DEFAULT_HOME = "./data"
+DEFAULT_MODEL = "smollm2"
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_TEMPERATURE = 0.0
+DEFAULT_TOP_P = 1.0
+# Requests per queue task: large enough that a million-line file is a few thousand
+# tasks, small enough that a higher-priority job gets in quickly and several
+# workers can share one big job.
+CHUNK_SIZE = 512
+# A worker whose heartbeat is older than this is taken as gone.
+HEARTBEAT_SECONDS = 5.0
+HEARTBEAT_STALE_SECONDS = 30.0
+
+
+def home() -> Path:
+    """The data directory (``NIGHTSHIFT_HOME``, default ``./data``), created on demand."""
+    path = Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def database_url() -> str:
+    """SQLAlchemy URL of the results database (``NIGHTSHIFT_DATABASE_URL``)."""
+    return os.environ.get(DATABASE_URL_ENV) or f"sqlite:///{home() / 'nightshift.db'}"
+
+
+def queue_url() -> str:
+    """Where the queue lives (``NIGHTSHIFT_QUEUE_URL``): a SQLite path/URL or ``redis://``."""
+    return os.environ.get(QUEUE_URL_ENV) or f"sqlite:///{home() / 'queue.db'}"
+
+
+def models_dir() -> Path:
+    """The local model registry: one folder per named model."""
+    path = home() / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def default_model() -> str:
+    """The model a job runs on when it names none (``NIGHTSHIFT_MODEL``)."""
+    return os.environ.get(MODEL_ENV) or DEFAULT_MODEL
