@@ -1,0 +1,134 @@
+"""Export a job's results, streamed in input order: OpenAI Batch output JSONL, or CSV.
+
+The JSONL line is the OpenAI Batch API's output line, so existing batch tooling
+reads it; nightshift's own timings ride along in an extra "nightshift" field.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import orjson
+
+from jobs.errors import NightshiftError
+from jobs.store import DONE, Store
+
+CSV_COLUMNS = [
+    "line", "custom_id", "status", "response", "finish_reason", "prompt_tokens",
+    "cached_tokens", "completion_tokens", "queued_at", "started_at", "first_token_at",
+    "finished_at", "ttft_s", "prompt_tps", "generation_tps", "attempts", "error", "metadata",
+]
+
+
+def _timings(row, queued_at: float) -> dict:
+    ttft = row.first_token_at - row.started_at if row.first_token_at and row.started_at else None
+    return {
+        "queued_at": queued_at, "started_at": row.started_at,
+        "first_token_at": row.first_token_at, "finished_at": row.finished_at, "ttft_s": ttft,
+        "prompt_tps": row.prompt_tps, "generation_tps": row.generation_tps,
+    }
+
+
+def batch_record(row, job) -> dict:
+    """One request as an OpenAI Batch output line (plus the "nightshift" field)."""
+    extra = {
+        "status": row.status, "line": row.line_no, "attempts": row.attempts,
+        "cached_tokens": row.cached_tokens,
+        "metadata": orjson.loads(row.metadata) if row.metadata else None,
+        **_timings(row, job.created_at),
+    }
+    record = {"id": f"batch_req_{job.id}_{row.seq}", "custom_id": row.custom_id,
+              "response": None, "error": None, "nightshift": extra}
+    if row.status != DONE:
+        code = {"failed": "request_failed", "cancelled": "cancelled"}.get(row.status,
+                                                                         "not_finished")
+        message = row.error or f"the request is {row.status}"
+        record["error"] = {"code": code, "message": message}
+        return record
+    usage = {"prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens,
+             "total_tokens": (row.prompt_tokens or 0) + (row.completion_tokens or 0)}
+    created = int(row.finished_at)
+    if row.kind == "completion":
+        body = {"id": f"cmpl-{job.id}-{row.seq}", "object": "text_completion",
+                "created": created, "model": job.model,
+                "choices": [{"index": 0, "text": row.response, "logprobs": None,
+                             "finish_reason": row.finish_reason}], "usage": usage}
+    else:
+        body = {"id": f"chatcmpl-{job.id}-{row.seq}", "object": "chat.completion",
+                "created": created, "model": job.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": row.response},
+                             "logprobs": None, "finish_reason": row.finish_reason}],
+                "usage": usage}
+    record["response"] = {"status_code": 200, "request_id": f"{job.id}-{row.seq}", "body": body}
+    return record
+
+
+def iter_jsonl(store: Store, job_id: str) -> Iterator[bytes]:
+    """Export lines (bytes, newline-terminated), one per request in input order."""
+    job = store.job(job_id)
+    for row in store.iter_requests(job_id):
+        yield orjson.dumps(batch_record(row, job)) + b"\n"
+
+
+def iter_csv(store: Store, job_id: str) -> Iterator[bytes]:
+    """CSV rows (bytes), a header first, one row per request in input order."""
+    job = store.job(job_id)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    for row in store.iter_requests(job_id):
+        writer.writerow({
+            "line": row.line_no, "custom_id": row.custom_id, "status": row.status,
+            "response": row.response, "finish_reason": row.finish_reason,
+            "prompt_tokens": row.prompt_tokens, "cached_tokens": row.cached_tokens,
+            "completion_tokens": row.completion_tokens, "attempts": row.attempts,
+            "error": row.error, "metadata": row.metadata,
+            **_timings(row, job.created_at),
+        })
+        yield buf.getvalue().encode()
+        buf.seek(0)
+        buf.truncate()
+
+
+FORMATS = {"jsonl": iter_jsonl, "csv": iter_csv}
+
+
+def export(store: Store, job_id: str, fmt: str, out: str | None, *, force: bool = False,
+           stdout: BinaryIO | None = None) -> int:
+    """Write a job's export to ``out`` (atomically; never over a file unless forced)
+    or to ``stdout``. Returns the number of records.
+
+    Raises:
+        NightshiftError: ``out`` exists and ``force`` is not set.
+        NotFound: no such job.
+    """
+    rows = FORMATS[fmt](store, job_id)
+    count = -1 if fmt == "csv" else 0  # the CSV header is not a record
+    if out is None:
+        sink = stdout or sys.stdout.buffer
+        for chunk in rows:
+            sink.write(chunk)
+            count += 1
+        sink.flush()
+        return max(count, 0)
+    path = Path(out)
+    if path.exists() and not force:
+        raise NightshiftError(f"{path} exists: pass --force to overwrite it, or choose another -o")
+    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in rows:
+                f.write(chunk)
+                count += 1
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return max(count, 0)

@@ -1,0 +1,115 @@
+"""The database tables. Changes go through jobs/migrations.py, never silent create_all drift.
+
+Times are float seconds since the epoch (UTC): exact, portable between SQLite and
+PostgreSQL, and what timing arithmetic wants.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", Text),
+    Column("model", Text, nullable=False),
+    Column("source", Text),  # the submitted file's name, for messages
+    Column("priority", Integer, nullable=False, default=0),
+    Column("not_before", Float),  # --at: not started before this time
+    Column("defaults", Text, nullable=False),  # JSON: Params + system + raw
+    Column("total", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("cancelled_at", Float),
+    Column("peak_memory", BigInteger),  # the worker's peak bytes while serving it
+    # Running totals over done requests, kept by the same transaction that stores
+    # each result, so status of a million-request job needs no scan.
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    Column("prompt_tokens", BigInteger, nullable=False, default=0),
+    Column("completion_tokens", BigInteger, nullable=False, default=0),
+)
+
+requests = Table(
+    "requests",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", String(32), ForeignKey("jobs.id"), nullable=False),
+    Column("seq", Integer, nullable=False),  # 0-based position in the input
+    Column("line_no", Integer, nullable=False),
+    Column("custom_id", Text),
+    Column("kind", String(16), nullable=False),  # chat | completion
+    Column("body", Text, nullable=False),  # JSON: messages list or prompt string
+    Column("params", Text),  # JSON: this line's overrides of the job defaults
+    Column("metadata", Text),  # JSON object, kept for export
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("worker_id", String(128)),
+    Column("started_at", Float),
+    Column("first_token_at", Float),
+    Column("finished_at", Float),
+    Column("response", Text),
+    Column("finish_reason", String(16)),
+    Column("prompt_tokens", Integer),
+    Column("cached_tokens", Integer),  # prompt tokens served from a shared prefix cache
+    Column("completion_tokens", Integer),
+    Column("prompt_tps", Float),
+    Column("generation_tps", Float),
+    Column("error", Text),
+)
+Index("requests_job_seq", requests.c.job_id, requests.c.seq, unique=True)
+Index("requests_job_status", requests.c.job_id, requests.c.status)
+Index("requests_status", requests.c.status)
+
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", String(128), primary_key=True),
+    Column("host", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("serves", Text),  # --model: the only model it serves; NULL = any
+    Column("model", Text),  # the model loaded now
+    Column("state", String(16), nullable=False),  # loading | idle | running | stopped
+    Column("compute", Text),  # the compute plan, one line
+    Column("memory", Text),  # the memory estimate, one line
+    Column("batch_size", Integer),
+    Column("load_seconds", Float),
+    Column("warmup_seconds", Float),
+    Column("peak_memory", BigInteger),
+    Column("started_at", Float, nullable=False),
+    Column("heartbeat_at", Float, nullable=False),
+    Column("stopped_at", Float),
+)
+
+model_switches = Table(
+    "model_switches",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("worker_id", String(128), nullable=False),
+    Column("from_model", Text),
+    Column("to_model", Text, nullable=False),
+    Column("unload_seconds", Float),
+    Column("load_seconds", Float),
+    Column("warmup_seconds", Float),
+    Column("at", Float, nullable=False),
+)
+
+migrations = Table(
+    "nightshift_migrations",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("applied_at", Float, nullable=False),
+)

@@ -1,0 +1,740 @@
+"""Where jobs, requests, results and worker heartbeats are kept: the source of truth.
+
+The queue only carries ids. Every state change of a request happens here, in one
+transaction, guarded by the state it is expected to be in, so a request can be
+claimed by one worker only and its result is stored exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import orjson
+from sqlalchemy import Connection, Engine, case, create_engine, event, func, or_, select
+
+from jobs import migrations, settings
+from jobs.errors import InputError, NotFound
+from jobs.schema import jobs, model_switches, requests, workers
+
+# SQLite settings, chosen on purpose (see README "Guarantees"):
+# - WAL: readers (status, export) never block the worker's writes, nor it theirs.
+# - synchronous=FULL: a commit is on disk before it returns, so a result reported
+#   done survives a power cut (NORMAL may lose the last commits in WAL mode).
+# - busy_timeout: concurrent writers wait their turn instead of failing with
+#   "database is locked"; writes take the lock up front (BEGIN IMMEDIATE), because
+#   a deferred transaction that upgrades to a write is not retried by SQLite.
+SQLITE_PRAGMAS = ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=60000", "foreign_keys=ON")
+INSERT_BATCH = 4000
+MAX_REPORTED_PROBLEMS = 50
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+TERMINAL = (DONE, FAILED, CANCELLED)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A range of a job's requests, as the queue carries it."""
+
+    job_id: str
+    lo: int
+    hi: int  # inclusive
+    priority: int = 0
+    not_before: float | None = None
+    model: str = ""
+
+    def to_args(self) -> list:
+        return [self.job_id, self.lo, self.hi]
+
+
+@dataclass
+class Claimed:
+    """A request taken by a worker, with what it needs to run it."""
+
+    id: int
+    job_id: str
+    seq: int
+    kind: str
+    body: object  # messages list or prompt string
+    params: dict  # job defaults merged with the line's overrides
+    system: str | None
+
+
+@dataclass
+class Result:
+    """The outcome of one request, as the worker reports it."""
+
+    id: int
+    job_id: str
+    started_at: float
+    finished_at: float
+    first_token_at: float | None = None
+    response: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
+    completion_tokens: int | None = None
+    error: str | None = None
+
+    @property
+    def status(self) -> str:
+        return FAILED if self.error is not None else DONE
+
+
+@dataclass
+class JobSummary:
+    """A job and its progress, as `status` shows it."""
+
+    id: str
+    name: str | None
+    model: str
+    priority: int
+    total: int
+    created_at: float
+    not_before: float | None
+    cancelled_at: float | None
+    started_at: float | None
+    finished_at: float | None
+    prompt_tokens: int
+    completion_tokens: int
+    peak_memory: int | None
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def remaining(self) -> int:
+        return self.counts.get(QUEUED, 0) + self.counts.get(RUNNING, 0)
+
+    @property
+    def state(self) -> str:
+        if self.counts.get(RUNNING):
+            return "running"
+        if self.remaining == 0:
+            if self.cancelled_at:
+                return "cancelled"
+            return "failed" if self.counts.get(FAILED) == self.total else "done"
+        if self.not_before and self.not_before > time.time():
+            return "scheduled"
+        return "queued"
+
+    @property
+    def wall_seconds(self) -> float | None:
+        if self.started_at is None:
+            return None
+        end = self.finished_at if self.remaining == 0 and self.finished_at else time.time()
+        return max(end - self.started_at, 0.0)
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        wall = self.wall_seconds
+        return self.completion_tokens / wall if wall else None
+
+    @property
+    def eta_seconds(self) -> float | None:
+        finished = self.counts.get(DONE, 0) + self.counts.get(FAILED, 0)
+        wall = self.wall_seconds
+        if not self.remaining or not finished or not wall:
+            return None
+        return self.remaining * wall / finished
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "model": self.model,
+            "state": self.state,
+            "priority": self.priority,
+            "total": self.total,
+            "counts": {s: self.counts.get(s, 0) for s in (QUEUED, RUNNING) + TERMINAL},
+            "created_at": self.created_at,
+            "not_before": self.not_before,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "wall_seconds": self.wall_seconds,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "tokens_per_second": self.tokens_per_second,
+            "eta_seconds": self.eta_seconds,
+            "peak_memory_bytes": self.peak_memory,
+        }
+
+
+def new_job_id() -> str:
+    return secrets.token_hex(4)
+
+
+def worker_identity() -> tuple[str, str, int]:
+    host, pid = socket.gethostname(), os.getpid()
+    return f"{host}:{pid}:{time.time():.0f}", host, pid
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Store:
+    """The results database. Open one per process; it is safe to share between threads."""
+
+    def __init__(self, url: str | None = None):
+        self.url = url or settings.database_url()
+        self.engine = _make_engine(self.url)
+        with self.write() as conn:
+            migrations.apply(conn)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- transactions ---------------------------------------------------------
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction, holding the write lock from its first statement."""
+        with self.engine.connect() as conn:
+            conn.execution_options(nightshift_begin="BEGIN IMMEDIATE")
+            with conn.begin():
+                yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read transaction: one consistent snapshot, never a half-written job."""
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    # -- submission -----------------------------------------------------------
+
+    def create_job(
+        self,
+        *,
+        model: str | Callable[[], str],
+        defaults: dict,
+        specs: Iterable,
+        name: str | None = None,
+        source: str | None = None,
+        priority: int = 0,
+        not_before: float | None = None,
+    ) -> tuple[str, int]:
+        """Store a job and all its requests in one transaction; returns (id, count).
+
+        ``specs`` yields ``jobs.formats.RequestSpec`` or ``LineError`` items. Any
+        error rolls the whole job back and raises InputError: a submission is whole
+        or absent. ``model`` may be a callable, asked once every line was read (the
+        lines may name it); it may raise InputError.
+        """
+        job_id = new_job_id()
+        now = time.time()
+        problems: list[str] = []
+        bad = 0
+        count = 0
+        with self.write() as conn:
+            conn.execute(
+                jobs.insert().values(
+                    id=job_id, name=name, model="", source=source, priority=priority,
+                    not_before=not_before, defaults=json.dumps(defaults), total=0,
+                    created_at=now, prompt_tokens=0, completion_tokens=0,
+                )
+            )
+            batch: list[dict] = []
+            for spec in specs:
+                if isinstance(spec, Exception):
+                    bad += 1
+                    if len(problems) < MAX_REPORTED_PROBLEMS:
+                        problems.append(str(spec))
+                    continue
+                if bad:
+                    continue  # keep validating, stop building rows
+                batch.append(_request_row(job_id, count, spec))
+                count += 1
+                if len(batch) >= INSERT_BATCH:
+                    conn.execute(requests.insert(), batch)
+                    batch = []
+            if not bad and count == 0:
+                problems.append(f"{source or 'input'}: no requests (the file is empty or blank)")
+                bad = 1
+            if bad:  # leaving the block by an exception rolls everything back
+                raise InputError(problems, more=bad - len(problems))
+            if callable(model):
+                model = model()
+            if batch:
+                conn.execute(requests.insert(), batch)
+            conn.execute(
+                jobs.update().where(jobs.c.id == job_id).values(total=count, model=model)
+            )
+        return job_id, count
+
+    # -- what the queue carries ------------------------------------------------
+
+    def chunks(self, job_id: str, statuses: tuple[str, ...] = (QUEUED,)) -> list[Chunk]:
+        """The ranges covering a job's requests in ``statuses``, for enqueueing."""
+        with self.read() as conn:
+            job = _job_row(conn, job_id)
+            seqs = conn.execute(
+                select(requests.c.seq)
+                .where(requests.c.job_id == job_id, requests.c.status.in_(statuses))
+                .order_by(requests.c.seq)
+            ).scalars()
+            return list(_ranges(job, seqs))
+
+    def runnable_chunks(self, model: str | None = None) -> list[Chunk]:
+        """Every queued request's range (of ``model``'s jobs), highest priority first."""
+        query = select(jobs).where(
+            jobs.c.cancelled_at.is_(None),
+            jobs.c.id.in_(select(requests.c.job_id).where(requests.c.status == QUEUED)),
+        )
+        if model is not None:
+            query = query.where(jobs.c.model == model)
+        with self.read() as conn:
+            found = []
+            for job in conn.execute(query.order_by(jobs.c.priority.desc(), jobs.c.created_at)):
+                seqs = conn.execute(
+                    select(requests.c.seq)
+                    .where(requests.c.job_id == job.id, requests.c.status == QUEUED)
+                    .order_by(requests.c.seq)
+                ).scalars()
+                found.extend(_ranges(job, seqs))
+            return found
+
+    # -- the worker's side -----------------------------------------------------
+
+    def claim(self, chunk: Chunk, worker_id: str, limit: int) -> list[Claimed]:
+        """Take up to ``limit`` queued requests of a chunk for this worker, in input order."""
+        with self.write() as conn:
+            job = conn.execute(select(jobs).where(jobs.c.id == chunk.job_id)).first()
+            if job is None or job.cancelled_at is not None:
+                return []
+            rows = conn.execute(
+                select(requests.c.id, requests.c.seq, requests.c.kind, requests.c.body,
+                       requests.c.params)
+                .where(
+                    requests.c.job_id == chunk.job_id,
+                    requests.c.seq.between(chunk.lo, chunk.hi),
+                    requests.c.status == QUEUED,
+                )
+                .order_by(requests.c.seq)
+                .limit(limit)
+            ).all()
+            if not rows:
+                return []
+            conn.execute(
+                requests.update()
+                .where(requests.c.id.in_([r.id for r in rows]), requests.c.status == QUEUED)
+                .values(status=RUNNING, worker_id=worker_id, attempts=requests.c.attempts + 1)
+            )
+        defaults = json.loads(job.defaults)
+        system = defaults.pop("system", None)
+        defaults.pop("raw", None)
+        out = []
+        for r in rows:
+            params = dict(defaults)
+            if r.params:
+                params.update(json.loads(r.params))
+            body = orjson.loads(r.body)
+            out.append(Claimed(r.id, chunk.job_id, r.seq, r.kind, body, params, system))
+        return out
+
+    def finish(self, results: list[Result], worker_id: str, peak_memory: int | None = None) -> int:
+        """Store results of requests this worker holds, in one transaction.
+
+        A result is stored only if the request is still running under this worker,
+        so a request put back (or taken over after a crash) is never written twice.
+        Returns how many were stored.
+        """
+        stored = 0
+        with self.write() as conn:
+            per_job: dict[str, list[Result]] = {}
+            for r in results:
+                gen_time = (r.finished_at - r.first_token_at) if r.first_token_at else None
+                prefill_time = (r.first_token_at - r.started_at) if r.first_token_at else None
+                computed = (r.prompt_tokens or 0) - (r.cached_tokens or 0)
+                done = conn.execute(
+                    requests.update()
+                    .where(
+                        requests.c.id == r.id,
+                        requests.c.status == RUNNING,
+                        requests.c.worker_id == worker_id,
+                    )
+                    .values(
+                        status=r.status, started_at=r.started_at,
+                        first_token_at=r.first_token_at, finished_at=r.finished_at,
+                        response=r.response, finish_reason=r.finish_reason,
+                        prompt_tokens=r.prompt_tokens, cached_tokens=r.cached_tokens,
+                        completion_tokens=r.completion_tokens, error=r.error,
+                        prompt_tps=computed / prefill_time if prefill_time else None,
+                        # The first token comes from prefill; the rest from decode.
+                        generation_tps=((r.completion_tokens or 1) - 1) / gen_time
+                        if gen_time else None,
+                    )
+                ).rowcount
+                if done:
+                    stored += 1
+                    per_job.setdefault(r.job_id, []).append(r)
+            for job_id, rs in per_job.items():
+                _add_to_job_totals(conn, job_id, rs, peak_memory)
+        return stored
+
+    def release(self, ids: list[int], worker_id: str) -> int:
+        """Put requests this worker holds back in the queue state; returns how many."""
+        if not ids:
+            return 0
+        with self.write() as conn:
+            return conn.execute(
+                requests.update()
+                .where(
+                    requests.c.id.in_(ids),
+                    requests.c.status == RUNNING,
+                    requests.c.worker_id == worker_id,
+                )
+                .values(status=QUEUED, worker_id=None)
+            ).rowcount
+
+    def recover(self, worker_id: str) -> int:
+        """Put back requests left running by workers that are gone; returns how many.
+
+        A worker is gone when it said it stopped, its heartbeat is stale, or it ran
+        on this host and its process no longer exists.
+        """
+        now = time.time()
+        host = socket.gethostname()
+        with self.write() as conn:
+            holders = conn.execute(
+                select(requests.c.worker_id).where(requests.c.status == RUNNING).distinct()
+            ).scalars().all()
+            gone = []
+            for holder in holders:
+                if holder == worker_id:
+                    continue
+                w = conn.execute(select(workers).where(workers.c.id == holder)).first()
+                if (
+                    w is None
+                    or w.stopped_at is not None
+                    or now - w.heartbeat_at > settings.HEARTBEAT_STALE_SECONDS
+                    or (w.host == host and not _pid_alive(w.pid))
+                ):
+                    gone.append(holder)
+            if not gone:
+                return 0
+            return conn.execute(
+                requests.update()
+                .where(requests.c.status == RUNNING, requests.c.worker_id.in_(gone))
+                .values(status=QUEUED, worker_id=None)
+            ).rowcount
+
+    def cancelled_among(self, job_ids: Iterable[str]) -> set[str]:
+        """Which of these jobs were cancelled."""
+        ids = list(job_ids)
+        if not ids:
+            return set()
+        with self.read() as conn:
+            return set(
+                conn.execute(
+                    select(jobs.c.id).where(jobs.c.id.in_(ids), jobs.c.cancelled_at.is_not(None))
+                ).scalars()
+            )
+
+    def mark_cancelled(self, ids: list[int], worker_id: str) -> int:
+        """Mark requests this worker dropped because their job was cancelled."""
+        if not ids:
+            return 0
+        with self.write() as conn:
+            return conn.execute(
+                requests.update()
+                .where(requests.c.id.in_(ids), requests.c.worker_id == worker_id,
+                       requests.c.status == RUNNING)
+                .values(status=CANCELLED, finished_at=time.time())
+            ).rowcount
+
+    def fail_model(self, model: str, error: str) -> int:
+        """Fail every queued request of a model's jobs (the model cannot be loaded)."""
+        now = time.time()
+        with self.write() as conn:
+            return conn.execute(
+                requests.update()
+                .where(
+                    requests.c.status == QUEUED,
+                    requests.c.job_id.in_(select(jobs.c.id).where(jobs.c.model == model)),
+                )
+                .values(status=FAILED, error=error, started_at=now, finished_at=now)
+            ).rowcount
+
+    # -- user commands ----------------------------------------------------------
+
+    def cancel(self, job_id: str) -> int:
+        """Stop a job's unstarted requests from running; returns how many were cancelled."""
+        with self.write() as conn:
+            _job_row(conn, job_id)
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id, jobs.c.cancelled_at.is_(None))
+                .values(cancelled_at=time.time())
+            )
+            return conn.execute(
+                requests.update()
+                .where(requests.c.job_id == job_id, requests.c.status == QUEUED)
+                .values(status=CANCELLED)
+            ).rowcount
+
+    def retry(self, job_id: str) -> int:
+        """Queue a job's failed requests again; returns how many."""
+        with self.write() as conn:
+            _job_row(conn, job_id)
+            conn.execute(jobs.update().where(jobs.c.id == job_id).values(cancelled_at=None))
+            return conn.execute(
+                requests.update()
+                .where(requests.c.job_id == job_id, requests.c.status == FAILED)
+                .values(status=QUEUED, error=None, worker_id=None, response=None,
+                        finish_reason=None, started_at=None, first_token_at=None,
+                        finished_at=None)
+            ).rowcount
+
+    # -- reading -----------------------------------------------------------------
+
+    def job(self, job_id: str) -> JobSummary:
+        with self.read() as conn:
+            return _summary(conn, _job_row(conn, job_id))
+
+    def list_jobs(self, limit: int | None = None) -> list[JobSummary]:
+        query = select(jobs).order_by(jobs.c.created_at.desc())
+        if limit:
+            query = query.limit(limit)
+        with self.read() as conn:
+            return [_summary(conn, row) for row in conn.execute(query).all()]
+
+    def job_defaults(self, job_id: str) -> dict:
+        with self.read() as conn:
+            return json.loads(_job_row(conn, job_id).defaults)
+
+    def request_stats(self, job_id: str) -> dict:
+        """Per-request figures over a job's done requests: time to first token p50/p95
+        (seconds) and mean prompt processing rate (tokens/s)."""
+        ttft = requests.c.first_token_at - requests.c.started_at
+        done = (requests.c.job_id == job_id, requests.c.status == DONE)
+        with self.read() as conn:
+            values = sorted(conn.execute(
+                select(ttft).where(*done, requests.c.first_token_at.is_not(None))
+            ).scalars())
+            prompt_tps = conn.execute(select(func.avg(requests.c.prompt_tps)).where(*done)).scalar()
+        return {"ttft_p50": _percentile(values, 0.5), "ttft_p95": _percentile(values, 0.95),
+                "prompt_tps_mean": prompt_tps}
+
+    def iter_requests(self, job_id: str, page: int = 1000) -> Iterator:
+        """Every request row of a job in input order, read in pages (constant memory)."""
+        with self.read() as conn:
+            _job_row(conn, job_id)
+        last = -1
+        while True:
+            with self.read() as conn:
+                rows = conn.execute(
+                    select(requests)
+                    .where(requests.c.job_id == job_id, requests.c.seq > last)
+                    .order_by(requests.c.seq)
+                    .limit(page)
+                ).all()
+            if not rows:
+                return
+            yield from rows
+            last = rows[-1].seq
+
+    def models_waiting(self) -> dict[str, int]:
+        """Queued request counts by model, over jobs that are not cancelled."""
+        with self.read() as conn:
+            rows = conn.execute(
+                select(jobs.c.model, func.count())
+                .select_from(requests.join(jobs, requests.c.job_id == jobs.c.id))
+                .where(requests.c.status == QUEUED, jobs.c.cancelled_at.is_(None))
+                .group_by(jobs.c.model)
+            ).all()
+        return {model: n for model, n in rows}
+
+    def has_runnable(self, model: str | None = None, now: float | None = None) -> bool:
+        """Whether any queued request could start now (of ``model``'s jobs)."""
+        now = now or time.time()
+        query = (
+            select(requests.c.id)
+            .select_from(requests.join(jobs, requests.c.job_id == jobs.c.id))
+            .where(
+                requests.c.status == QUEUED,
+                jobs.c.cancelled_at.is_(None),
+                or_(jobs.c.not_before.is_(None), jobs.c.not_before <= now),
+            )
+            .limit(1)
+        )
+        if model is not None:
+            query = query.where(jobs.c.model == model)
+        with self.read() as conn:
+            return conn.execute(query).first() is not None
+
+    # -- workers -----------------------------------------------------------------
+
+    def register_worker(self, worker_id: str, host: str, pid: int, serves: str | None) -> None:
+        now = time.time()
+        with self.write() as conn:
+            conn.execute(
+                workers.insert().values(
+                    id=worker_id, host=host, pid=pid, serves=serves, state="loading",
+                    started_at=now, heartbeat_at=now,
+                )
+            )
+
+    def update_worker(self, worker_id: str, **values) -> None:
+        """Record a worker's heartbeat and whatever else it reports."""
+        values.setdefault("heartbeat_at", time.time())
+        with self.write() as conn:
+            conn.execute(workers.update().where(workers.c.id == worker_id).values(**values))
+
+    def live_workers(self) -> list:
+        """Workers whose heartbeat is fresh and that have not stopped."""
+        cutoff = time.time() - settings.HEARTBEAT_STALE_SECONDS
+        host = socket.gethostname()
+        with self.read() as conn:
+            rows = conn.execute(
+                select(workers)
+                .where(workers.c.stopped_at.is_(None), workers.c.heartbeat_at >= cutoff)
+                .order_by(workers.c.started_at)
+            ).all()
+        return [w for w in rows if w.host != host or _pid_alive(w.pid)]
+
+    def record_switch(self, worker_id: str, from_model: str | None, to_model: str,
+                      unload_seconds: float, load_seconds: float, warmup_seconds: float) -> None:
+        with self.write() as conn:
+            conn.execute(
+                model_switches.insert().values(
+                    worker_id=worker_id, from_model=from_model, to_model=to_model,
+                    unload_seconds=unload_seconds, load_seconds=load_seconds,
+                    warmup_seconds=warmup_seconds, at=time.time(),
+                )
+            )
+
+    def switches(self, limit: int = 20) -> list:
+        with self.read() as conn:
+            return conn.execute(
+                select(model_switches).order_by(model_switches.c.at.desc()).limit(limit)
+            ).all()
+
+
+# -- helpers ----------------------------------------------------------------------
+
+
+def _make_engine(url: str) -> Engine:
+    if not url.startswith("sqlite"):
+        engine = create_engine(url, pool_pre_ping=True)
+        return engine
+    engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        # Let SQLAlchemy's "begin" event, not pysqlite, decide how transactions start.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        for pragma in SQLITE_PRAGMAS:
+            cur.execute(f"PRAGMA {pragma}")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        conn.exec_driver_sql(conn.get_execution_options().get("nightshift_begin", "BEGIN"))
+
+    return engine
+
+
+def _request_row(job_id: str, seq: int, spec) -> dict:
+    body = spec.messages if spec.kind == "chat" else spec.prompt
+    params = spec.params.to_json()
+    return {
+        "job_id": job_id,
+        "seq": seq,
+        "line_no": spec.line_no,
+        "custom_id": spec.custom_id,
+        "kind": spec.kind,
+        "body": orjson.dumps(body).decode(),
+        "params": orjson.dumps(params).decode() if params else None,
+        "metadata": orjson.dumps(spec.metadata).decode() if spec.metadata is not None else None,
+        "status": QUEUED,
+        "attempts": 0,
+    }
+
+
+def _job_row(conn: Connection, job_id: str):
+    row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+    if row is None:
+        raise NotFound(f"no job {job_id!r} (nightshift status lists the jobs)")
+    return row
+
+
+def _ranges(job, seqs: Iterable[int]) -> Iterator[Chunk]:
+    """Group sorted sequence numbers into chunks of at most CHUNK_SIZE requests."""
+    lo = prev = None
+    for seq in seqs:
+        if lo is None:
+            lo = prev = seq
+        elif seq - lo >= settings.CHUNK_SIZE:
+            yield Chunk(job.id, lo, prev, job.priority, job.not_before, job.model)
+            lo = prev = seq
+        else:
+            prev = seq
+    if lo is not None:
+        yield Chunk(job.id, lo, prev, job.priority, job.not_before, job.model)
+
+
+def _add_to_job_totals(conn: Connection, job_id: str, results: list[Result], peak) -> None:
+    done = [r for r in results if r.error is None]
+    first = min(r.started_at for r in results)
+    last = max(r.finished_at for r in results)
+    values = {
+        "prompt_tokens": jobs.c.prompt_tokens + sum(r.prompt_tokens or 0 for r in done),
+        "completion_tokens": jobs.c.completion_tokens
+        + sum(r.completion_tokens or 0 for r in done),
+        "started_at": case(
+            (or_(jobs.c.started_at.is_(None), jobs.c.started_at > first), first),
+            else_=jobs.c.started_at,
+        ),
+        "finished_at": case(
+            (or_(jobs.c.finished_at.is_(None), jobs.c.finished_at < last), last),
+            else_=jobs.c.finished_at,
+        ),
+    }
+    if peak is not None:
+        values["peak_memory"] = case(
+            (or_(jobs.c.peak_memory.is_(None), jobs.c.peak_memory < peak), peak),
+            else_=jobs.c.peak_memory,
+        )
+    conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
+
+
+def _summary(conn: Connection, row) -> JobSummary:
+    counts = dict(
+        conn.execute(
+            select(requests.c.status, func.count())
+            .where(requests.c.job_id == row.id)
+            .group_by(requests.c.status)
+        ).all()
+    )
+    return JobSummary(
+        id=row.id, name=row.name, model=row.model, priority=row.priority, total=row.total,
+        created_at=row.created_at, not_before=row.not_before, cancelled_at=row.cancelled_at,
+        started_at=row.started_at, finished_at=row.finished_at,
+        prompt_tokens=row.prompt_tokens or 0, completion_tokens=row.completion_tokens or 0,
+        peak_memory=row.peak_memory, counts=counts,
+    )
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    k = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
+    return values[k]
+
+
+__all__ = [
+    "Store", "Chunk", "Claimed", "Result", "JobSummary", "worker_identity",
+    "QUEUED", "RUNNING", "DONE", "FAILED", "CANCELLED", "TERMINAL",
+]

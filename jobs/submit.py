@@ -1,0 +1,130 @@
+"""Submitting a file: read it as a stream, check every line, store the job whole or not at all."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from jobs import settings
+from jobs.errors import InputError
+from jobs.formats import LineError, Params, RequestSpec, iter_requests, validate_params
+from jobs.store import Store
+
+
+@dataclass
+class JobOptions:
+    """A job's settings from the command line; a line's own settings override them."""
+
+    model: str | None = None
+    name: str | None = None
+    params: Params = field(default_factory=Params)
+    system: str | None = None
+    raw: bool = False
+    priority: int = 0
+    not_before: float | None = None
+
+    def defaults(self) -> dict:
+        base = Params(max_tokens=settings.DEFAULT_MAX_TOKENS,
+                      temperature=settings.DEFAULT_TEMPERATURE, top_p=settings.DEFAULT_TOP_P)
+        out = self.params.merged_over(base).to_json()
+        if self.system:
+            out["system"] = self.system
+        out["raw"] = self.raw
+        return out
+
+
+def parse_at(text: str, now: dt.datetime | None = None) -> float:
+    """``--at``: a time of day ("02:00", the next one to come) or an ISO 8601 date-time
+    (local time unless it names a zone). Returns a Unix timestamp.
+
+    Raises:
+        ValueError: neither form, with what is accepted.
+    """
+    now = now or dt.datetime.now().astimezone()
+    for fmt in ("%H:%M", "%H:%M:%S"):
+        try:
+            t = dt.datetime.strptime(text, fmt).time()
+        except ValueError:
+            continue
+        when = now.replace(hour=t.hour, minute=t.minute, second=t.second, microsecond=0)
+        if when <= now:
+            when += dt.timedelta(days=1)
+        return when.timestamp()
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"--at {text!r}: give a time of day like 02:00 or a date-time like "
+            "2026-12-01T02:00 (ISO 8601)"
+        ) from None
+    if when.tzinfo is None:
+        when = when.astimezone()  # naive: the user's local time
+    return when.timestamp()
+
+
+class _ModelFromLines:
+    """Which model a job runs: --model, else the one its OpenAI lines name, else the default.
+
+    One job runs one model, so lines naming different models are an error.
+    """
+
+    def __init__(self, source: str, flag: str | None):
+        self.source, self.flag = source, flag
+        self.named: str | None = None
+        self.first_line = 0
+
+    def check(self, specs: Iterator[RequestSpec | LineError]) -> Iterator:
+        for spec in specs:
+            if self.flag is None and isinstance(spec, RequestSpec) and spec.model:
+                if self.named is None:
+                    self.named, self.first_line = spec.model, spec.line_no
+                elif spec.model != self.named:
+                    yield LineError(
+                        self.source, spec.line_no,
+                        f"body.model {spec.model!r} differs from {self.named!r} on line "
+                        f"{self.first_line}: one job runs one model; split the file or "
+                        "pass --model",
+                    )
+                    continue
+            yield spec
+
+    def model(self, model_exists: Callable[[str], bool]) -> str:
+        model = self.flag or self.named or settings.default_model()
+        if not model_exists(model):
+            where = (f"named by body.model on {self.source}:{self.first_line}"
+                     if not self.flag and self.named else "")
+            hint = "pass --model with an installed one" if where else "pull or import it first"
+            raise InputError([
+                f"unknown model {model!r} {where}".rstrip() + f": {hint} "
+                "(nightshift models list; nightshift models pull smollm2)"
+            ])
+        return model
+
+
+def submit(
+    store: Store,
+    stream: BinaryIO,
+    source: str,
+    options: JobOptions,
+    model_exists: Callable[[str], bool],
+) -> tuple[str, int]:
+    """Check and store a whole file as one job; returns (job id, request count).
+
+    Raises:
+        InputError: bad lines (``FILE:LINE: reason``), an empty file or an unknown
+            model. Nothing is stored then.
+    """
+    validate_params(options.params, "job settings")
+    chooser = _ModelFromLines(source, options.model)
+    specs = chooser.check(iter_requests(stream, source, raw_default=options.raw))
+    return store.create_job(
+        model=lambda: chooser.model(model_exists),
+        defaults=options.defaults(),
+        specs=specs,
+        name=options.name,
+        source=source,
+        priority=options.priority,
+        not_before=options.not_before,
+    )
