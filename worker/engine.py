@@ -1,0 +1,269 @@
+"""The engine: claimed requests in, results out, on mlx-lm's BatchGenerator.
+
+mlx-lm does the batching, sampling, stop-token matching and caches; this module
+turns a stored request into what BatchGenerator takes (tokens, a sampler, stop
+sequences, a token budget), measures each request's own timings, and turns what
+comes out into a Result. It never touches the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator, make_stop_sequences
+from mlx_lm.sample_utils import apply_top_p
+
+from jobs.store import Claimed, Result
+from worker.prefix import PrefixCache
+
+log = logging.getLogger("nightshift.engine")
+
+
+class RequestError(Exception):
+    """A request that cannot run (too long, no chat template); it fails alone."""
+
+
+def seeded_sampler(temperature: float, top_p: float, seed: int | None):
+    """A sampler with its own random key, so a seed reproduces one request's output
+    whatever else shares the batch (mlx-lm's samplers use the global random state)."""
+    state = [mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))]
+    scale = 1.0 / temperature
+
+    def sample(logprobs: mx.array) -> mx.array:
+        if 0 < top_p < 1:
+            logprobs = apply_top_p(logprobs, top_p)
+        state[0], key = mx.random.split(state[0])
+        return mx.random.categorical(logprobs * scale, key=key)
+
+    return sample
+
+
+@dataclass
+class Live:
+    """A request inside the generator."""
+
+    claimed: Claimed
+    prompt_tokens: int
+    cached_tokens: int
+    stops: tuple[str, ...]
+    started_at: float
+    first_token_at: float | None = None
+    tokens: list[int] = field(default_factory=list)
+    detokenizer: object = None
+
+
+class Engine:
+    """Continuous batching over one loaded model.
+
+    Call ``add`` while ``free_slots()`` > 0 and ``step`` while ``busy``; each step is
+    one decode step for every live request plus one prefill chunk for new ones, and
+    returns the results of the requests that finished in it.
+    """
+
+    def __init__(self, model, tokenizer, *, batch_size: int, context_length: int | None = None,
+                 prefill_batch_size: int | None = None, prefill_step_size: int = 2048,
+                 prefix_cache: PrefixCache | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.context_length = context_length
+        self.prefixes = prefix_cache
+        self.eos = set(tokenizer.eos_token_ids)
+        self.generator = BatchGenerator(
+            model,
+            stop_tokens=[[t] for t in self.eos],
+            completion_batch_size=batch_size,
+            # Admit new prompts in small groups so a freed slot is refilled at once
+            # without stalling the decode of the others for a long prefill.
+            prefill_batch_size=prefill_batch_size or min(8, batch_size),
+            prefill_step_size=prefill_step_size,
+        )
+        self.live: dict[int, Live] = {}
+        # Requests that were in a batch when a step raised: rerun one at a time, so
+        # the one that breaks fails alone and the others complete.
+        self.suspects: list[Claimed] = []
+        self.steps = 0
+        self.occupied = 0  # sum over decode steps of live sequences
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.live)
+
+    def free_slots(self) -> int:
+        if self.suspects:
+            return 0
+        return self.batch_size - len(self.live)
+
+    # -- requests in ---------------------------------------------------------------
+
+    def encode(self, claimed: Claimed) -> list[int]:
+        """The prompt tokens of a request, with the chat template where it applies."""
+        tok = self.tokenizer
+        if claimed.kind == "completion":
+            text = claimed.body
+            add_bos = tok.bos_token is None or not text.startswith(tok.bos_token)
+            return tok.encode(text, add_special_tokens=add_bos)
+        messages = list(claimed.body)
+        if claimed.system and not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": claimed.system})
+        if not getattr(tok, "has_chat_template", False) and not tok.chat_template:
+            if len(messages) == 1 and messages[0]["role"] == "user":
+                return tok.encode(messages[0]["content"])
+            raise RequestError("this model has no chat template: submit raw prompts (--raw)")
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tok.encode(text, add_special_tokens=False)
+
+    def add(self, batch: list[Claimed]) -> list[Result]:
+        """Put requests into the generator; returns results of those that cannot run."""
+        failed, ready = [], []
+        now = time.time()
+        for c in batch:
+            try:
+                tokens = self.encode(c)
+                ready.append((c, tokens, self._budget(c, len(tokens))))
+            except Exception as exc:  # one bad request never stops the others
+                failed.append(Result(c.id, c.job_id, now, now, error=f"{exc}"))
+        if not ready:
+            return failed
+        shared = self._shared_prefixes([tokens for _, tokens, _ in ready])
+        prompts, budgets, samplers, stops, caches, history = [], [], [], [], [], []
+        for (c, tokens, budget), hit in zip(ready, shared):
+            p = c.params
+            temperature = p.get("temperature") or 0.0
+            prefix, cache = hit if hit else ([], None)
+            prompts.append(tokens[len(prefix):])
+            caches.append(cache)
+            history.append(prefix)
+            budgets.append(budget)
+            samplers.append(
+                seeded_sampler(temperature, p.get("top_p") or 1.0, p.get("seed"))
+                if temperature > 0 else None
+            )
+            stops.append(make_stop_sequences(self.tokenizer, p.get("stop") or ()))
+        uids = self.generator.insert(prompts, budgets, caches=caches, all_tokens=history,
+                                     samplers=samplers, stop_sequences=stops)
+        for uid, (c, tokens, _), prefix in zip(uids, ready, history):
+            live = Live(c, len(tokens), len(prefix), tuple(c.params.get("stop") or ()), now)
+            if live.stops:
+                live.detokenizer = self.tokenizer.detokenizer
+            self.live[uid] = live
+        return failed
+
+    def _shared_prefixes(self, prompts: list[list[int]]) -> list:
+        """For each prompt, (prefix, cache) of a stored shared prefix, or None."""
+        if self.prefixes is None:
+            return [None] * len(prompts)
+        self.prefixes.learn(prompts)
+        return [self.prefixes.lookup(t) for t in prompts]
+
+    def _budget(self, c: Claimed, prompt_len: int) -> int:
+        budget = int(c.params.get("max_tokens") or 256)
+        if self.context_length:
+            room = self.context_length - prompt_len
+            if room <= 0:
+                raise RequestError(
+                    f"the prompt is {prompt_len} tokens and the model's context window is "
+                    f"{self.context_length}: shorten it"
+                )
+            budget = min(budget, room)
+        return budget
+
+    # -- results out -----------------------------------------------------------------
+
+    def step(self) -> list[Result]:
+        """One generator step; returns the results of requests that finished in it."""
+        if not self.live and self.suspects:
+            self._admit_suspect()
+        try:
+            _, responses = self.generator.next()
+        except Exception as exc:
+            return self._after_failed_step(exc)
+        now = time.time()
+        if responses:
+            self.steps += 1
+            self.occupied += len(responses)  # sequences in this decode step
+        finished = []
+        for r in responses:
+            live = self.live.get(r.uid)
+            if live is None:
+                continue
+            if live.first_token_at is None:
+                live.first_token_at = now
+            live.tokens.append(r.token)
+            reason = r.finish_reason
+            if reason is None and live.stops and self._hit_text_stop(live, r.token):
+                self.generator.remove([r.uid])
+                reason = "stop"
+            if reason is not None:
+                del self.live[r.uid]
+                finished.append(self._result(live, reason, now))
+        return finished
+
+    def _hit_text_stop(self, live: Live, token: int) -> bool:
+        # Stop texts can straddle token boundaries that mlx-lm's token-level
+        # matcher does not see; check the decoded text as it grows.
+        live.detokenizer.add_token(token)
+        text = live.detokenizer.text
+        window = max(len(s) for s in live.stops) + 16
+        return any(s in text[-window:] for s in live.stops)
+
+    def _result(self, live: Live, reason: str, now: float) -> Result:
+        tokens = live.tokens
+        if reason == "stop" and tokens and tokens[-1] in self.eos:
+            tokens = tokens[:-1]  # the end-of-sequence token is not part of the text
+        text = self.tokenizer.decode(tokens)
+        cut = [text.find(s) for s in live.stops if s in text]
+        if cut:  # the API's meaning: end before the stop text, never include it
+            text, reason = text[: min(cut)], "stop"
+        c = live.claimed
+        return Result(
+            c.id, c.job_id, live.started_at, now, first_token_at=live.first_token_at,
+            response=text, finish_reason=reason, prompt_tokens=live.prompt_tokens,
+            cached_tokens=live.cached_tokens, completion_tokens=len(live.tokens),
+        )
+
+    def _after_failed_step(self, exc: Exception) -> list[Result]:
+        now = time.time()
+        uids = list(self.live)
+        self.generator.remove(uids)
+        if len(uids) == 1 and not self.suspects:
+            live = self.live.pop(uids[0])
+            log.warning("request %s failed: %r", live.claimed.id, exc)
+            c = live.claimed
+            return [Result(c.id, c.job_id, live.started_at, now,
+                           first_token_at=live.first_token_at, error=f"generation failed: {exc}")]
+        log.warning("a batch step failed (%r); rerunning its %d requests one at a time",
+                    exc, len(uids))
+        self.suspects.extend(self.live[u].claimed for u in uids)
+        self.live.clear()
+        return []
+
+    def _admit_suspect(self) -> None:
+        c = self.suspects.pop(0)
+        failed = self.add([c])
+        if failed:  # cannot happen twice in a row; keep the result path uniform
+            self.suspects.insert(0, c)
+
+    def remove(self, request_ids: set[int]) -> list[Claimed]:
+        """Take requests out of the generator (cancelled, or put back); returns them."""
+        uids = [u for u, live in self.live.items() if live.claimed.id in request_ids]
+        self.generator.remove(uids)
+        out = [self.live.pop(u).claimed for u in uids]
+        out += [c for c in self.suspects if c.id in request_ids]
+        self.suspects = [c for c in self.suspects if c.id not in request_ids]
+        return out
+
+    def held(self) -> list[Claimed]:
+        """Every request the engine holds (live or waiting to be rerun)."""
+        return [live.claimed for live in self.live.values()] + list(self.suspects)
+
+    def occupancy(self) -> float | None:
+        """Mean live sequences per decode step, over the batch size."""
+        return self.occupied / (self.steps * self.batch_size) if self.steps else None
+
+    def close(self) -> None:
+        self.generator.close()
