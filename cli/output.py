@@ -1,0 +1,72 @@
+"""Output helpers shared by every command: --json, tables, durations and sizes."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+
+def json_option(fn):
+    """Add ``--json`` to a read command (machine-readable output for scripts)."""
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(fn)
+
+
+def print_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def console() -> Console:
+    # Click's runner swaps sys.stdout; ask for it when printing, not at import.
+    return Console(file=sys.stdout, soft_wrap=True)
+
+
+def table(columns: list[str], rows: list[list], title: str | None = None) -> None:
+    t = Table(*columns, title=title, box=None, header_style="bold", pad_edge=False)
+    for row in rows:
+        t.add_row(*["" if v is None else str(v) for v in row])
+    console().print(t)
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def ago(ts: float | None) -> str:
+    return "-" if ts is None else f"{duration(time.time() - ts)} ago"
+
+
+def when(ts: float | None) -> str:
+    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def quiet_unless_tty(quiet: bool) -> bool:
+    """Progress shows on a terminal only, never when piped or with --quiet."""
+    return quiet or not sys.stderr.isatty()
+
+
+__all__ = ["json_option", "print_json", "table", "duration", "size", "ago", "when", "rate",
+           "console", "quiet_unless_tty"]

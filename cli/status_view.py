@@ -1,0 +1,125 @@
+"""How `nightshift status` shows workers and jobs."""
+
+from __future__ import annotations
+
+import click
+
+from cli import output
+from jobs.store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, Store
+
+
+def _worker_json(w) -> dict:
+    return {
+        "id": w.id, "host": w.host, "pid": w.pid, "serves": w.serves, "model": w.model,
+        "state": w.state, "batch_size": w.batch_size, "compute": w.compute, "memory": w.memory,
+        "load_seconds": w.load_seconds, "warmup_seconds": w.warmup_seconds,
+        "peak_memory_bytes": w.peak_memory, "started_at": w.started_at,
+        "heartbeat_at": w.heartbeat_at,
+    }
+
+
+def _waiting_notes(live, waiting: dict[str, int]) -> list[str]:
+    """Plain words for work that nothing will run: the classic overnight failure."""
+    notes = []
+    if not live:
+        total = sum(waiting.values())
+        if total:
+            notes.append(f"NO WORKER IS RUNNING: {total} requests are waiting. "
+                         "Start one: nightshift worker")
+        else:
+            notes.append("No worker is running (start one: nightshift worker)")
+        return notes
+    any_model = any(w.serves is None for w in live)
+    for model, n in sorted(waiting.items()):
+        served = any(w.serves == model or w.model == model for w in live)
+        if served:
+            continue
+        if any_model:
+            notes.append(f"{n} requests wait for model {model}: the worker switches to it "
+                         "when its current model's work is done")
+        else:
+            notes.append(f"{n} requests wait for model {model}, which no running worker "
+                         f"serves (start one: nightshift worker --model {model})")
+    return notes
+
+
+def overview(store: Store, limit: int, as_json: bool) -> None:
+    live = store.live_workers()
+    waiting = store.models_waiting()
+    jobs = store.list_jobs(limit)
+    notes = _waiting_notes(live, waiting)
+    if as_json:
+        output.print_json({
+            "workers": [_worker_json(w) for w in live],
+            "waiting": waiting,
+            "notes": notes,
+            "jobs": [j.to_json() for j in jobs],
+        })
+        return
+    for w in live:
+        click.echo(
+            f"worker {w.id}: {w.state}, model {w.model or '-'}"
+            f"{' (serves only ' + w.serves + ')' if w.serves else ''}, batch {w.batch_size or '-'},"
+            f" heartbeat {output.ago(w.heartbeat_at)}"
+        )
+        if w.compute:
+            click.echo(f"  compute: {w.compute}")
+        if w.load_seconds is not None:
+            click.echo(f"  loaded in {w.load_seconds:.1f} s, warm-up {w.warmup_seconds or 0:.1f} s,"
+                       f" peak memory {output.size(w.peak_memory)}")
+    for note in notes:
+        click.echo(note)
+    if not jobs:
+        click.echo("No jobs yet: nightshift submit FILE")
+        return
+    rows = []
+    for j in jobs:
+        c = j.counts
+        rows.append([
+            j.id, j.name or "", j.model, j.state,
+            f"{c.get(DONE, 0)}/{j.total}", c.get(FAILED, 0) or "",
+            output.rate(j.tokens_per_second), output.duration(j.eta_seconds),
+        ])
+    click.echo()
+    output.table(["JOB", "NAME", "MODEL", "STATE", "DONE", "FAILED", "TOK/S", "ETA"], rows)
+
+
+def job_detail(store: Store, job_id: str, as_json: bool) -> None:
+    job = store.job(job_id)
+    stats = store.request_stats(job_id)
+    data = {**job.to_json(), **stats}
+    if as_json:
+        output.print_json(data)
+        return
+    c = job.counts
+    lines = [
+        ("job", f"{job.id}{' (' + job.name + ')' if job.name else ''}"),
+        ("model", job.model),
+        ("state", job.state),
+        ("requests", f"{job.total}: {c.get(DONE, 0)} done, {c.get(FAILED, 0)} failed, "
+                     f"{c.get(RUNNING, 0)} running, {c.get(QUEUED, 0)} queued, "
+                     f"{c.get(CANCELLED, 0)} cancelled"),
+        ("priority", job.priority),
+        ("created", output.when(job.created_at)),
+        ("not before", output.when(job.not_before)),
+        ("started", output.when(job.started_at)),
+        ("finished", output.when(job.finished_at) if job.remaining == 0 else "-"),
+        ("wall time", output.duration(job.wall_seconds)),
+        ("generated",
+         f"{job.completion_tokens} tokens, {output.rate(job.tokens_per_second)} tok/s"),
+        ("prompt", f"{job.prompt_tokens} tokens, "
+                   f"{output.rate(stats['prompt_tps_mean'])} tok/s per request (mean)"),
+        ("first token", f"p50 {_secs(stats['ttft_p50'])}, p95 {_secs(stats['ttft_p95'])}"),
+        ("peak memory", output.size(job.peak_memory)),
+        ("eta", output.duration(job.eta_seconds)),
+    ]
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        click.echo(f"{key:<{width}}  {value}")
+
+
+def _secs(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f} s"
+
+
+__all__ = ["overview", "job_detail"]

@@ -1,0 +1,57 @@
+"""The `nightshift worker` command."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from cli.main import cli
+
+
+@cli.command("worker")
+@click.option("--model", "-m", help="Serve only this model (default: whatever the jobs ask "
+              "for, switching between models one at a time).")
+@click.option("--drain", is_flag=True, help="Exit when no runnable work is left.")
+@click.option("--batch-size", type=click.IntRange(1, 1024),
+              help="Sequences decoded together [default: measured for this machine].")
+@click.option("--dtype", type=click.Choice(["auto", "as-loaded", "float32", "bfloat16",
+                                            "float16"]), default="auto", show_default=True,
+              help="Weights in memory: auto keeps quantized weights on Metal/CUDA and "
+              "dequantizes on CPU, where that is much faster.")
+@click.option("--max-context", type=int, help="Tokens per sequence to plan memory for.")
+@click.option("--force", is_flag=True, help="Load even if the memory estimate says no.")
+@click.option("--grace", type=float, default=30.0, show_default=True,
+              help="On Ctrl-C, seconds to let in-flight requests finish before putting "
+              "them back (SIGTERM puts them back at once).")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Allow a model folder's own Python code to run (off by default).")
+@click.option("--verbose", "-v", is_flag=True, help="Log debug detail.")
+def worker_cmd(model, drain, batch_size, dtype, max_context, force, grace, trust_remote_code,
+               verbose):
+    """Load a model once, keep it warm, and run queued requests with continuous batching.
+
+    \b
+    nightshift worker                   # serve every job, until Ctrl-C
+    nightshift worker --drain           # exit when the queue is empty
+    nightshift worker --model smollm2   # serve only this model
+    """
+    from worker import compute
+
+    # Before MLX loads: on Linux CPU, restart with an optimised BLAS preloaded.
+    compute.ensure_fast_blas()
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("huey").setLevel(logging.INFO if verbose else logging.WARNING)
+
+    from jobs.store import Store
+    from worker.loader import LoadOptions
+    from worker.service import Worker, WorkerOptions
+
+    options = WorkerOptions(
+        serves=model, drain=drain, grace_seconds=grace,
+        load=LoadOptions(dtype=None if dtype == "auto" else dtype, batch_size=batch_size,
+                         max_context=max_context, force=force,
+                         trust_remote_code=trust_remote_code),
+    )
+    raise SystemExit(Worker(Store(), options=options).run())

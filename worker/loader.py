@@ -1,0 +1,140 @@
+"""Loading a model once, fitting it to the machine, warming it up, and letting it go.
+
+Like mlx-lm's server ModelProvider: the worker keeps one model for the life of the
+process (or until it switches to another model's jobs).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from jobs.errors import ModelError, NightshiftError
+from worker import compute, memory, registry
+from worker.compat import nemotron_nas
+
+log = logging.getLogger("nightshift.loader")
+WARMUP_PROMPT = "Hello"
+DEFAULT_CONTEXT = 4096  # tokens a sequence may hold, for the memory estimate
+
+
+@dataclass
+class LoadOptions:
+    """How to load: what the user may override, each with a sensible automatic default."""
+
+    dtype: str | None = None  # None: automatic (see worker/compute.py)
+    batch_size: int | None = None  # None: measured
+    max_context: int | None = None  # None: the model's window, capped at DEFAULT_CONTEXT
+    force: bool = False  # load even if the estimate says it will not fit
+    trust_remote_code: bool = False
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: str
+    model: object
+    tokenizer: object
+    config: dict
+    context_length: int | None
+    plan: compute.ComputePlan
+    estimate: memory.MemoryEstimate
+    load_seconds: float
+    warmup_seconds: float = 0.0
+
+    def describe(self) -> str:
+        return (
+            f"{self.name}: loaded in {self.load_seconds:.1f} s, warm-up {self.warmup_seconds:.1f} s"
+            f" | compute: {self.plan.describe()} | memory: {self.estimate.describe()}"
+        )
+
+
+def load(name: str, options: LoadOptions | None = None) -> LoadedModel:
+    """Load a registry model, local folder or repo id, refusing what cannot fit.
+
+    Raises:
+        NotFound: no such model.
+        ResourceError: the memory estimate exceeds what the machine has (unless forced).
+        ModelError: the files are missing, corrupt, or the tokenizer fails to load.
+    """
+    import mlx_lm
+
+    options = options or LoadOptions()
+    path = registry.resolve(name)
+    config = _read_config(path)
+    context = registry.model_context_length(path) if Path(path).is_dir() else None
+    if options.max_context:  # a cap the user asked for, within the model's own window
+        context = min(context or options.max_context, options.max_context)
+    plan_context = options.max_context or min(context or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
+    # Estimate before loading: the seed's model "wouldn't load on 192GB configs".
+    if Path(path).is_dir():
+        batch_guess = options.batch_size or compute.DEFAULT_BATCH_SIZE
+        estimate = memory.estimate(
+            path, config=config, batch_size=batch_guess, context_tokens=plan_context,
+            dtype=compute.planned_dtype(config, options.dtype),
+        )
+        memory.check_fits(estimate, force=options.force)
+    start = time.perf_counter()
+    try:
+        model, tokenizer = mlx_lm.load(
+            path, trust_remote_code=options.trust_remote_code,
+            **nemotron_nas.load_kwargs(config),
+        )
+    except NightshiftError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"cannot load model {name!r} from {path}: {exc}") from exc
+    nemotron_nas.apply(model)
+    plan = compute.choose_plan(model, config=config, dtype=options.dtype)
+    compute.apply_plan(model, plan)
+    if options.batch_size:
+        plan.batch_size = options.batch_size
+    else:
+        plan.batch_size = compute.cached_batch_size(path, model, tokenizer, plan)
+    load_seconds = time.perf_counter() - start
+    estimate = memory.estimate(
+        path, config=config, batch_size=plan.batch_size, context_tokens=plan_context,
+        dtype=plan.dtype,
+    )
+    return LoadedModel(name, path, model, tokenizer, config, context, plan, estimate,
+                       load_seconds)
+
+
+def warm_up(loaded: LoadedModel) -> float:
+    """Run a short batch once so the first real request does not pay for cold kernels
+    and allocations (the seed: 15 s to the first token, cold). Returns seconds."""
+    from mlx_lm.generate import batch_generate
+
+    start = time.perf_counter()
+    tokens = loaded.tokenizer.encode(WARMUP_PROMPT)
+    n = min(loaded.plan.batch_size, 4)
+    batch_generate(loaded.model, loaded.tokenizer, [tokens] * n, max_tokens=4)
+    loaded.warmup_seconds = time.perf_counter() - start
+    return loaded.warmup_seconds
+
+
+def unload(loaded: LoadedModel | None) -> float:
+    """Free a model's memory before another is loaded; returns seconds."""
+    import mlx.core as mx
+
+    start = time.perf_counter()
+    if loaded is not None:
+        loaded.model = loaded.tokenizer = None
+    gc.collect()
+    mx.clear_cache()
+    return time.perf_counter() - start
+
+
+def _read_config(path: str) -> dict:
+    config_file = Path(path) / "config.json"
+    if not config_file.exists():
+        return {}  # a repo id: mlx-lm fetches it where a network exists
+    try:
+        return json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{config_file} is not readable JSON ({exc}): the model folder "
+                         "is damaged; pull or import it again") from exc

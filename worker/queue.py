@@ -1,0 +1,116 @@
+"""The work queue: Huey, carrying ids only, serialized as JSON.
+
+Huey delivers at most once, so the queue is a dispatcher, not the truth: each task
+names a range of one job's requests (job id, first and last position); the worker
+claims whatever in that range is still queued in the database. A task delivered
+twice therefore runs nothing twice, and work whose task was lost is found again in
+the database when a worker starts or idles.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from collections.abc import Callable, Iterable
+
+from huey import Huey, PriorityRedisHuey, SqliteHuey
+from huey.registry import Message
+from huey.serializer import Serializer
+
+from jobs import settings
+from jobs.store import Chunk
+
+TASK_NAME = "nightshift.run_chunk"
+QUEUE_NAME = "nightshift"
+log = logging.getLogger("nightshift.queue")
+
+
+class JSONSerializer(Serializer):
+    """Huey messages as JSON: reading the queue never runs code.
+
+    Huey's default is pickle, which executes whatever the queue holds; once the
+    queue is a shared Redis that is remote code execution. Only messages of the
+    expected shape are accepted; anything else raises and Huey drops it.
+    """
+
+    def _serialize(self, data) -> bytes:
+        if not isinstance(data, Message):
+            raise TypeError(f"nightshift queues only task messages, not {type(data).__name__}")
+        fields = data._asdict()
+        for key in ("on_complete", "on_error", "chord_config"):
+            if fields[key] is not None:
+                raise TypeError(f"nightshift tasks do not use {key}")
+        for key in ("eta", "expires_resolved"):
+            if isinstance(fields[key], dt.datetime):
+                fields[key] = {"datetime": fields[key].isoformat()}
+        return json.dumps(fields).encode()
+
+    def _deserialize(self, data: bytes) -> Message:
+        fields = json.loads(data.decode("utf-8"))
+        if not isinstance(fields, dict) or set(fields) != set(Message._fields):
+            raise ValueError("refused a queue message that is not a nightshift task")
+        if fields["name"] != TASK_NAME:
+            raise ValueError(f"refused a queue message for unknown task {fields['name']!r}")
+        for key in ("eta", "expires_resolved"):
+            if isinstance(fields[key], dict):
+                fields[key] = dt.datetime.fromisoformat(fields[key]["datetime"])
+        return Message(**fields)
+
+
+def make_huey(url: str | None = None) -> Huey:
+    """The Huey instance for a queue URL: a SQLite file (default) or ``redis://``."""
+    url = url or settings.queue_url()
+    common = {"results": False, "serializer": JSONSerializer(), "utc": True}
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        # Plain RedisHuey has no priorities; the priority variant does.
+        return PriorityRedisHuey(QUEUE_NAME, url=url, **common)
+    path = url.removeprefix("sqlite:///").removeprefix("sqlite://")
+    # No fsync per task: the database is the truth and a lost task is found again
+    # there, so the queue need not pay a disk flush for each of thousands of chunks.
+    return SqliteHuey(QUEUE_NAME, filename=path, timeout=60, **common)
+
+
+class Queue:
+    """The nightshift queue: enqueue chunks from anywhere, run them in the worker."""
+
+    def __init__(self, url: str | None = None, handler: Callable[[Chunk], None] | None = None):
+        self.huey = make_huey(url)
+        self._handler = handler
+
+        @self.huey.task(name=TASK_NAME)
+        def run_chunk(job_id: str, lo: int, hi: int, order: int = 0, model: str = ""):
+            if self._handler is None:
+                raise RuntimeError("this queue has no worker attached")
+            self._handler(Chunk(job_id, lo, hi, order, None, model))
+
+        self._task = run_chunk
+
+    def enqueue(self, chunks: Iterable[Chunk], *, delay: float | None = None) -> int:
+        """Queue chunks, highest priority served first.
+
+        A chunk whose job has ``not_before`` in the future is scheduled for then
+        (Huey keeps the schedule across restarts); ``delay`` postpones the others.
+        """
+        count = 0
+        now = dt.datetime.now(dt.timezone.utc).timestamp()
+        for chunk in chunks:
+            # Huey compares etas as naive UTC datetimes when utc=True.
+            start = max(chunk.not_before or 0, now + (delay or 0))
+            eta = (dt.datetime.fromtimestamp(start, dt.timezone.utc).replace(tzinfo=None)
+                   if start > now else None)
+            kwargs = {"order": chunk.priority, "model": chunk.model}
+            args = (chunk.job_id, chunk.lo, chunk.hi)
+            if eta is None:
+                self.huey.enqueue(self._task.s(*args, priority=chunk.priority, **kwargs))
+            else:
+                self._task.schedule(args=args, kwargs=kwargs, eta=eta, priority=chunk.priority)
+            count += 1
+        return count
+
+    def pending(self) -> int:
+        """Tasks waiting in the queue now (not counting scheduled ones)."""
+        return self.huey.pending_count()
+
+    def scheduled(self) -> int:
+        return self.huey.scheduled_count()

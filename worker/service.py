@@ -1,0 +1,358 @@
+"""The long-lived worker: one Huey consumer feeding one warm model.
+
+Threads:
+- main: Huey's consumer loop (it owns the signals);
+- Huey's one worker thread: runs queue tasks, each of which only registers a chunk
+  of requests with the scheduler below and returns (waiting while enough work is
+  already registered, so priorities and other workers still get a say);
+- engine: owns MLX: loads the model, claims requests from the database into the
+  batch as slots free up, steps the generator, stores each result as it finishes;
+- heartbeat: tells the database this worker is alive, what it serves, its memory.
+
+The database is the truth. Requests are claimed there (one worker each), results
+are stored there guarded by that claim, and when the worker starts or idles it looks
+there for work whose queue task was lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from huey.consumer import Consumer, ConsumerStopped
+
+from jobs import settings
+from jobs.errors import NightshiftError
+from jobs.store import Chunk, Result, Store, worker_identity
+from worker import loader
+from worker.engine import Engine
+from worker.queue import Queue
+
+log = logging.getLogger("nightshift.worker")
+SWEEP_SECONDS = 1.0  # how often an idle worker looks in the database for lost work
+CANCEL_POLL_SECONDS = 1.0
+IDLE_WAIT_SECONDS = 0.2
+
+
+@dataclass
+class WorkerOptions:
+    serves: str | None = None  # --model: serve only this model
+    drain: bool = False  # exit when no runnable work is left
+    grace_seconds: float = 30.0  # SIGINT: finish in-flight requests for this long
+    load: loader.LoadOptions | None = None
+
+
+def peak_memory_bytes() -> int:
+    """The process's peak resident memory (MLX's own peak where it is larger)."""
+    import mlx.core as mx
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss *= 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return max(rss, mx.get_peak_memory())
+
+
+class Worker:
+    def __init__(self, store: Store, queue_url: str | None = None,
+                 options: WorkerOptions | None = None):
+        self.store = store
+        self.options = options or WorkerOptions()
+        self.queue = Queue(queue_url, handler=self._accept)
+        self.id, self.host, self.pid = worker_identity()
+        self.loaded: loader.LoadedModel | None = None
+        self.engine: Engine | None = None
+        self.state = "loading"
+        self.chunks: list[tuple[int, int, Chunk]] = []  # (-priority, arrival, chunk)
+        self._arrivals = 0
+        self._lock = threading.Condition()
+        self.ready = threading.Event()
+        self.stopping = threading.Event()  # stop taking work
+        self.put_back_now = threading.Event()  # SIGTERM or a second SIGINT
+        self.finished = threading.Event()
+        self.error: Exception | None = None
+        self.put_back: dict[str, int] = {}
+        self._consumer: Consumer | None = None
+
+    # -- main thread ---------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until stopped (or, with drain, until no work is left); exit code."""
+        self.store.register_worker(self.id, self.host, self.pid, self.options.serves)
+        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
+        engine_thread = threading.Thread(target=self._serve, name="engine", daemon=True)
+        engine_thread.start()
+        self._install_signals()
+        # The model is loaded (and warm) before any work is taken.
+        while not self.ready.wait(0.2):
+            pass
+        if self.error is not None:
+            self._stopped()
+            raise self.error
+        recovered = self.store.recover(self.id)
+        queued = self.queue.enqueue(self._runnable())
+        log.info("worker %s ready: %s; put back %d requests left running by stopped "
+                 "workers; %d queue tasks for waiting work", self.id,
+                 self.loaded.describe() if self.loaded else "no model", recovered, queued)
+        self._consume()
+        engine_thread.join()
+        self._stopped()
+        if self.put_back:
+            total = sum(self.put_back.values())
+            jobs = ", ".join(f"{j} ({n})" for j, n in self.put_back.items())
+            log.info("put back %d unfinished requests for the next worker: %s", total, jobs)
+        if self.error is not None:
+            raise self.error
+        return 0
+
+    def _consume(self) -> None:
+        consumer = Consumer(self.queue.huey, workers=1, worker_type="thread",
+                            periodic=False, max_delay=1.0, check_worker_health=True)
+        self._consumer = consumer
+        consumer.start()
+        self._install_signals()  # Huey's start() installs its own; ours decide the stop
+        try:
+            while not self.finished.is_set():
+                try:
+                    consumer.loop()
+                except ConsumerStopped:
+                    break
+        finally:
+            self.stopping.set()
+            with self._lock:
+                self._lock.notify_all()
+            consumer.stop(graceful=True)
+            self.queue.huey.notify_interrupted_tasks()
+
+    def _install_signals(self) -> None:
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, _frame) -> None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGTERM or self.stopping.is_set():
+            log.info("%s: putting in-flight requests back and stopping", name)
+            self.put_back_now.set()
+        else:
+            log.info("%s: finishing in-flight requests (up to %.0f s; again to stop now)",
+                     name, self.options.grace_seconds)
+        self.stopping.set()
+        if self._consumer is not None:
+            self._consumer.stop_flag.set()
+        with self._lock:
+            self._lock.notify_all()
+
+    def _stopped(self) -> None:
+        try:
+            self.store.update_worker(self.id, state="stopped", stopped_at=time.time())
+        except Exception:  # the database may be what failed; the exit says so
+            log.exception("could not record that worker %s stopped", self.id)
+
+    # -- Huey's worker thread --------------------------------------------------------
+
+    def _accept(self, chunk: Chunk) -> None:
+        """A queue task: register its chunk with the engine's scheduler."""
+        serves = self.options.serves
+        if serves is not None and chunk.model and chunk.model != serves:
+            # Not ours. The requests stay queued in the database, where a worker
+            # that serves that model finds them when it starts or idles.
+            log.info("job %s is for model %s; this worker serves only %s",
+                     chunk.job_id, chunk.model, serves)
+            return
+        with self._lock:
+            # Hold the task while enough is registered, so Huey's priority order
+            # decides what comes next and other workers can take the rest.
+            while len(self.chunks) >= 2 and not self.stopping.is_set():
+                self._lock.wait(0.5)
+            if self.stopping.is_set():
+                # Not taken: its requests are still queued in the database.
+                return
+            self._register(chunk)
+
+    def _register(self, chunk: Chunk) -> None:
+        key = (chunk.job_id, chunk.lo, chunk.hi)
+        if any((c.job_id, c.lo, c.hi) == key for _, _, c in self.chunks):
+            return
+        self._arrivals += 1
+        self.chunks.append((-chunk.priority, self._arrivals, chunk))
+        self.chunks.sort(key=lambda t: (t[0], t[1]))
+        self._lock.notify_all()
+
+    # -- engine thread -----------------------------------------------------------------
+
+    def _serve(self) -> None:
+        try:
+            self._switch_to(self.options.serves or self._first_model())
+        except Exception as exc:
+            self.error = exc
+            self.ready.set()
+            return
+        self.ready.set()
+        try:
+            self._loop()
+        except Exception as exc:  # a bug or a dead database: put work back, then report
+            log.exception("worker loop failed")
+            self.error = exc
+            self.put_back_now.set()
+        finally:
+            self._shutdown()
+            self.finished.set()
+            if self._consumer is not None:
+                self._consumer.stop_flag.set()
+
+    def _loop(self) -> None:
+        last_sweep = last_cancel_poll = 0.0
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            if now - last_cancel_poll > CANCEL_POLL_SECONDS and self.engine.busy:
+                self._drop_cancelled()
+                last_cancel_poll = now
+            self._fill()
+            if self.engine.busy or self.engine.suspects:
+                self.state = "running"
+                self._store(self.engine.step())
+                continue
+            self.state = "idle"
+            if now - last_sweep > SWEEP_SECONDS:
+                # Lost queue tasks, and work for other models, are found here.
+                for chunk in self._runnable():
+                    with self._lock:
+                        self._register(chunk)
+                last_sweep = now
+                if self.options.drain and not self.chunks and not self._has_work():
+                    log.info("no runnable work left (--drain): stopping")
+                    return
+            if self._next_model_switch():
+                continue
+            with self._lock:
+                if not self._chunks_for(self.loaded.name):
+                    self._lock.wait(IDLE_WAIT_SECONDS)
+        # Stopping. SIGINT: let in-flight requests finish for a while.
+        deadline = time.monotonic() + self.options.grace_seconds
+        while self.engine.busy and not self.put_back_now.is_set():
+            if time.monotonic() > deadline:
+                log.info("grace period over")
+                break
+            self._store(self.engine.step())
+
+    def _fill(self) -> None:
+        """Claim queued requests into free batch slots, highest priority first."""
+        while (room := self.engine.free_slots()) > 0:
+            with self._lock:
+                mine = self._chunks_for(self.loaded.name)
+                if not mine:
+                    return
+                entry = mine[0]
+            claimed = self.store.claim(entry[2], self.id, room)
+            if not claimed:
+                with self._lock:
+                    if entry in self.chunks:
+                        self.chunks.remove(entry)
+                    self._lock.notify_all()
+                continue
+            self._store(self.engine.add(claimed))
+
+    def _chunks_for(self, model: str) -> list:
+        return [e for e in self.chunks if not e[2].model or e[2].model == model]
+
+    def _store(self, results: list[Result]) -> None:
+        if results:
+            self.store.finish(results, self.id, peak_memory_bytes())
+
+    def _drop_cancelled(self) -> None:
+        held = self.engine.held()
+        cancelled = self.store.cancelled_among({c.job_id for c in held})
+        if cancelled:
+            ids = {c.id for c in held if c.job_id in cancelled}
+            removed = self.engine.remove(ids)
+            self.store.mark_cancelled([c.id for c in removed], self.id)
+            log.info("dropped %d in-flight requests of cancelled jobs %s",
+                     len(removed), ", ".join(sorted(cancelled)))
+
+    def _runnable(self) -> list[Chunk]:
+        return [c for c in self.store.runnable_chunks(self.options.serves)
+                if not c.not_before or c.not_before <= time.time()]
+
+    def _has_work(self) -> bool:
+        return self.engine.busy or bool(self.engine.suspects) or self.store.has_runnable(
+            self.options.serves)
+
+    def _first_model(self) -> str:
+        waiting = self._runnable()
+        return waiting[0].model if waiting else settings.default_model()
+
+    def _next_model_switch(self) -> bool:
+        """Idle with nothing for the loaded model: switch to the next job's model."""
+        if self.options.serves is not None:
+            return False
+        with self._lock:
+            if self._chunks_for(self.loaded.name) or not self.chunks:
+                return False
+            target = self.chunks[0][2].model
+        if not self.store.has_runnable(target):
+            with self._lock:  # stale: that work was cancelled or done meanwhile
+                self.chunks = [e for e in self.chunks if e[2].model != target]
+            return True
+        try:
+            self._switch_to(target)
+        except NightshiftError as exc:
+            log.error("cannot serve model %s: %s", target, exc)
+            n = self.store.fail_model(target, f"the worker could not load model {target}: {exc}")
+            log.error("marked %d queued requests for %s failed (retry them once it loads)",
+                      n, target)
+            with self._lock:
+                self.chunks = [e for e in self.chunks if e[2].model != target]
+        return True
+
+    def _switch_to(self, name: str) -> None:
+        previous = self.loaded.name if self.loaded else None
+        self.state = "loading"
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        unload_s = loader.unload(self.loaded) if self.loaded else 0.0
+        self.loaded = None
+        loaded = loader.load(name, self.options.load)
+        self.store.update_worker(self.id, state="warming", model=name)
+        loader.warm_up(loaded)
+        self.loaded = loaded
+        self.engine = Engine(loaded.model, loaded.tokenizer, batch_size=loaded.plan.batch_size,
+                             context_length=loaded.context_length)
+        self.store.update_worker(
+            self.id, model=name, state="idle", compute=loaded.plan.describe(),
+            memory=loaded.estimate.describe(), batch_size=loaded.plan.batch_size,
+            load_seconds=loaded.load_seconds, warmup_seconds=loaded.warmup_seconds,
+        )
+        if previous is not None:
+            self.store.record_switch(self.id, previous, name, unload_s, loaded.load_seconds,
+                                     loaded.warmup_seconds)
+            log.info("switched model %s -> %s (unload %.1f s, load %.1f s, warm-up %.1f s)",
+                     previous, name, unload_s, loaded.load_seconds, loaded.warmup_seconds)
+        self.state = "idle"
+
+    def _shutdown(self) -> None:
+        """Put every request still held back in the queue, for the next worker."""
+        if self.engine is None:
+            return
+        held = self.engine.held()
+        if held:
+            self.engine.remove({c.id for c in held})
+            self.store.release([c.id for c in held], self.id)
+            for c in held:
+                self.put_back[c.job_id] = self.put_back.get(c.job_id, 0) + 1
+            chunks = [ch for job in self.put_back for ch in self.store.chunks(job)]
+            self.queue.enqueue(chunks)
+        self.engine.close()
+
+    # -- heartbeat thread -------------------------------------------------------------
+
+    def _heartbeat(self) -> None:
+        while not self.finished.wait(settings.HEARTBEAT_SECONDS):
+            try:
+                self.store.update_worker(self.id, state=self.state,
+                                         peak_memory=peak_memory_bytes())
+            except Exception:  # a missed heartbeat is not worth stopping the work for
+                log.exception("heartbeat failed")
