@@ -21,7 +21,8 @@ from huey.serializer import Serializer
 from jobs import settings
 from jobs.store import Chunk
 
-TASK_NAME = "nightshift.run_chunk"
+TASK_NAME = "run_chunk"
+TASK_ID = f"{__name__}.{TASK_NAME}"  # how Huey names it in each message
 QUEUE_NAME = "nightshift"
 log = logging.getLogger("nightshift.queue")
 
@@ -50,7 +51,7 @@ class JSONSerializer(Serializer):
         fields = json.loads(data.decode("utf-8"))
         if not isinstance(fields, dict) or set(fields) != set(Message._fields):
             raise ValueError("refused a queue message that is not a nightshift task")
-        if fields["name"] != TASK_NAME:
+        if fields["name"] != TASK_ID:
             raise ValueError(f"refused a queue message for unknown task {fields['name']!r}")
         for key in ("eta", "expires_resolved"):
             if isinstance(fields[key], dict):
