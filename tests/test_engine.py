@@ -136,7 +136,8 @@ def test_prefix_reuse_gives_identical_greedy_output_with_less_prefill(tiny):
 def test_prefix_cache_is_bounded(tiny):
     model, tok = tiny
     one = PrefixCache(model, min_tokens=4)
-    one.learn([tok.encode("The quick brown fox jumps x"), tok.encode("The quick brown fox jumps y")])
+    base = tok.encode("The quick brown fox jumps")
+    one.learn([base + [5], base + [6]])
     size = one.nbytes
     bounded = PrefixCache(model, min_tokens=4, budget_bytes=int(size * 1.5))
     for word in ("alpha", "beta", "gamma"):

@@ -20,6 +20,7 @@ from worker.compat import nemotron_nas
 log = logging.getLogger("nightshift.loader")
 WARMUP_PROMPT = "Hello"
 DEFAULT_CONTEXT = 4096  # tokens a sequence may hold, for the memory estimate
+DEFAULT_BATCH_SIZE = 32  # where nothing can be measured (a model known only by repo id)
 
 
 @dataclass
@@ -42,14 +43,15 @@ class LoadedModel:
     config: dict
     context_length: int | None
     plan: compute.ComputePlan
-    estimate: memory.MemoryEstimate
+    estimate: memory.MemoryEstimate | None  # None for a repo id (no local files to read)
     load_seconds: float
     warmup_seconds: float = 0.0
 
     def describe(self) -> str:
         return (
             f"{self.name}: loaded in {self.load_seconds:.1f} s, warm-up {self.warmup_seconds:.1f} s"
-            f" | compute: {self.plan.describe()} | memory: {self.estimate.describe()}"
+            f" | compute: {self.plan.describe()} | memory: "
+            f"{self.estimate.describe() if self.estimate else 'not estimated'}"
         )
 
 
@@ -65,19 +67,21 @@ def load(name: str, options: LoadOptions | None = None) -> LoadedModel:
 
     options = options or LoadOptions()
     path = registry.resolve(name)
+    local = Path(path).is_dir()
     config = _read_config(path)
-    context = registry.model_context_length(path) if Path(path).is_dir() else None
+    context = registry.model_context_length(path) if local else None
     if options.max_context:  # a cap the user asked for, within the model's own window
         context = min(context or options.max_context, options.max_context)
-    plan_context = options.max_context or min(context or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
-    # Estimate before loading: the seed's model "wouldn't load on 192GB configs".
-    if Path(path).is_dir():
-        batch_guess = options.batch_size or compute.DEFAULT_BATCH_SIZE
-        estimate = memory.estimate(
-            path, config=config, batch_size=batch_guess, context_tokens=plan_context,
-            dtype=compute.planned_dtype(config, options.dtype),
+    plan_context = min(context or DEFAULT_CONTEXT, options.max_context or DEFAULT_CONTEXT)
+    planned = compute.planned_dtype(config, options.dtype)
+    if local:
+        # Before loading (the seed's model "wouldn't load on 192GB configs"): the
+        # weights and at least one full sequence, or the batch the user asked for.
+        memory.check_fits(
+            memory.estimate(path, config=config, batch_size=options.batch_size or 1,
+                            context_tokens=plan_context, dtype=planned),
+            force=options.force,
         )
-        memory.check_fits(estimate, force=options.force)
     start = time.perf_counter()
     try:
         model, tokenizer = mlx_lm.load(
@@ -89,17 +93,18 @@ def load(name: str, options: LoadOptions | None = None) -> LoadedModel:
     except Exception as exc:
         raise ModelError(f"cannot load model {name!r} from {path}: {exc}") from exc
     nemotron_nas.apply(model)
-    plan = compute.choose_plan(model, config=config, dtype=options.dtype)
+    plan = compute.choose_plan(model, dtype=options.dtype, batch_size=options.batch_size)
     compute.apply_plan(model, plan)
-    if options.batch_size:
-        plan.batch_size = options.batch_size
+    estimate = None
+    if local:
+        if not plan.batch_size:  # measured once per model and machine, within memory
+            plan.batch_size = compute.cached_batch_size(path, model, tokenizer, plan,
+                                                        context_tokens=plan_context)
+        estimate = memory.estimate(path, config=config, batch_size=plan.batch_size,
+                                   context_tokens=plan_context, dtype=plan.weights)
     else:
-        plan.batch_size = compute.cached_batch_size(path, model, tokenizer, plan)
+        plan.batch_size = plan.batch_size or DEFAULT_BATCH_SIZE
     load_seconds = time.perf_counter() - start
-    estimate = memory.estimate(
-        path, config=config, batch_size=plan.batch_size, context_tokens=plan_context,
-        dtype=plan.dtype,
-    )
     return LoadedModel(name, path, model, tokenizer, config, context, plan, estimate,
                        load_seconds)
 

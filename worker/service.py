@@ -323,7 +323,8 @@ class Worker:
                              context_length=loaded.context_length)
         self.store.update_worker(
             self.id, model=name, state="idle", compute=loaded.plan.describe(),
-            memory=loaded.estimate.describe(), batch_size=loaded.plan.batch_size,
+            memory=loaded.estimate.describe() if loaded.estimate else None,
+            batch_size=loaded.plan.batch_size,
             load_seconds=loaded.load_seconds, warmup_seconds=loaded.warmup_seconds,
         )
         if previous is not None:
