@@ -92,6 +92,11 @@ workers = Table(
     Column("started_at", Float, nullable=False),
     Column("heartbeat_at", Float, nullable=False),
     Column("stopped_at", Float),
+    # Engine counters since the model was loaded: batch occupancy is
+    # sequences_decoded / (decode_steps * batch_size).
+    Column("decode_steps", BigInteger),
+    Column("sequences_decoded", BigInteger),
+    Column("prompt_tokens_computed", BigInteger),
 )
 
 model_switches = Table(

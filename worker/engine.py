@@ -88,6 +88,7 @@ class Engine:
         self.suspects: list[Claimed] = []
         self.steps = 0
         self.occupied = 0  # sum over decode steps of live sequences
+        self.prompt_tokens_computed = 0  # prefilled here (shared prefixes count once)
 
     @property
     def busy(self) -> bool:
@@ -136,6 +137,7 @@ class Engine:
             temperature = p.get("temperature") or 0.0
             prefix, cache = hit if hit else ([], None)
             prompts.append(tokens[len(prefix):])
+            self.prompt_tokens_computed += len(prompts[-1])
             caches.append(cache)
             history.append(prefix)
             budgets.append(budget)
@@ -260,6 +262,12 @@ class Engine:
     def held(self) -> list[Claimed]:
         """Every request the engine holds (live or waiting to be rerun)."""
         return [live.claimed for live in self.live.values()] + list(self.suspects)
+
+    def counters(self) -> dict:
+        """What the engine did since it started, for the worker's heartbeat."""
+        built = self.prefixes.built_tokens if self.prefixes else 0
+        return {"decode_steps": self.steps, "sequences_decoded": self.occupied,
+                "prompt_tokens_computed": self.prompt_tokens_computed + built}
 
     def occupancy(self) -> float | None:
         """Mean live sequences per decode step, over the batch size."""

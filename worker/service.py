@@ -31,6 +31,7 @@ from jobs.errors import NightshiftError
 from jobs.store import Chunk, Result, Store, worker_identity
 from worker import loader
 from worker.engine import Engine
+from worker.prefix import PrefixCache
 from worker.queue import Queue
 
 log = logging.getLogger("nightshift.worker")
@@ -44,6 +45,7 @@ class WorkerOptions:
     serves: str | None = None  # --model: serve only this model
     drain: bool = False  # exit when no runnable work is left
     grace_seconds: float = 30.0  # SIGINT: finish in-flight requests for this long
+    prefix_cache: bool = True  # prefill shared prompt prefixes once
     load: loader.LoadOptions | None = None
 
 
@@ -147,7 +149,7 @@ class Worker:
 
     def _stopped(self) -> None:
         try:
-            self.store.update_worker(self.id, state="stopped", stopped_at=time.time())
+            self._beat(state="stopped", stopped_at=time.time())
         except Exception:  # the database may be what failed; the exit says so
             log.exception("could not record that worker %s stopped", self.id)
 
@@ -319,8 +321,9 @@ class Worker:
         self.store.update_worker(self.id, state="warming", model=name)
         loader.warm_up(loaded)
         self.loaded = loaded
+        prefixes = PrefixCache(loaded.model) if self.options.prefix_cache else None
         self.engine = Engine(loaded.model, loaded.tokenizer, batch_size=loaded.plan.batch_size,
-                             context_length=loaded.context_length)
+                             context_length=loaded.context_length, prefix_cache=prefixes)
         self.store.update_worker(
             self.id, model=name, state="idle", compute=loaded.plan.describe(),
             memory=loaded.estimate.describe() if loaded.estimate else None,
@@ -353,7 +356,12 @@ class Worker:
     def _heartbeat(self) -> None:
         while not self.finished.wait(settings.HEARTBEAT_SECONDS):
             try:
-                self.store.update_worker(self.id, state=self.state,
-                                         peak_memory=peak_memory_bytes())
+                self._beat()
             except Exception:  # a missed heartbeat is not worth stopping the work for
                 log.exception("heartbeat failed")
+
+    def _beat(self, **values) -> None:
+        engine = self.engine
+        report = {"state": self.state, "peak_memory": peak_memory_bytes(),
+                  **(engine.counters() if engine is not None else {}), **values}
+        self.store.update_worker(self.id, **report)
