@@ -176,6 +176,7 @@ def test_measure_batch_size_skips_what_does_not_fit(tiny):
 def test_batch_size_is_measured_once_then_remembered(tiny_dir, tiny, monkeypatch):
     model, tokenizer = tiny
     plan = compute.choose_plan(model)
+    monkeypatch.setattr(compute, "_others_cpu_seconds", lambda: 0.0)  # a quiet machine
     first = compute.cached_batch_size(tiny_dir, model, tokenizer, plan, candidates=(2, 4),
                                       prompt_len=8, new_tokens=2)
     assert set(plan.batch_curve) == {2, 4}
@@ -191,3 +192,14 @@ def test_batch_size_is_measured_once_then_remembered(tiny_dir, tiny, monkeypatch
     # Another dtype is another measurement.
     other = compute.ComputePlan(plan.device, plan.blas, "bfloat16", plan.loaded)
     assert compute.remembered_batch_size(tiny_dir, other) is None
+
+
+def test_a_measurement_under_contention_is_not_remembered(tiny_dir, tiny, monkeypatch):
+    model, tokenizer = tiny
+    plan = compute.choose_plan(model)
+    readings = iter([0.0, 1e6])  # other processes took all the CPU meanwhile
+    monkeypatch.setattr(compute, "_others_cpu_seconds", lambda: next(readings))
+    best = compute.cached_batch_size(tiny_dir, model, tokenizer, plan, candidates=(2, 4),
+                                     prompt_len=8, new_tokens=2)
+    assert best in (2, 4)
+    assert compute.remembered_batch_size(tiny_dir, plan) is None

@@ -42,6 +42,9 @@ OPENBLAS_THREADS_ENV = "OPENBLAS_NUM_THREADS"
 WEIGHT_DTYPES = ("as-loaded", "float32", "bfloat16", "float16")
 
 BATCH_CANDIDATES = (8, 16, 32, 48, 64)
+# A batch-size measurement taken while other processes used more than this share of
+# the CPU is not remembered.
+CONTENDED_SHARE = 0.25
 # The batch size assumed before one is measured (ENGINE-NOTES: the best of 8..128 there).
 DEFAULT_BATCH_SIZE = 32
 BATCH_CACHE_FILE = "batch-sizes.json"
@@ -565,9 +568,29 @@ def cached_batch_size(model_path: str | Path, model: Any, tokenizer: Any, plan: 
             est.available / memory.SAFETY - est.weights - est.overhead)
         measure_kwargs["bytes_per_sequence"] = est.kv_per_sequence
     start = time.perf_counter()
+    others_before = _others_cpu_seconds()
     best, curve = measure_batch_size(model, tokenizer, **measure_kwargs)
-    remember_batch_size(model_path, plan, best, curve)
+    elapsed = time.perf_counter() - start
     plan.batch_curve = curve
-    log.info("batch size %d measured in %.1f s (tok/s: %s)", best, time.perf_counter() - start,
-             ", ".join(f"{k}: {v:.0f}" for k, v in curve.items()))
+    busy = (_others_cpu_seconds() - others_before) / (elapsed * (os.cpu_count() or 1))
+    shown = ", ".join(f"{k}: {v:.0f}" for k, v in curve.items())
+    if busy > CONTENDED_SHARE:
+        # Another process competed for the cores: the curve says more about it than
+        # about the model. Use it for now, but measure again at the next start.
+        log.warning("batch size %d measured while other processes used %.0f%% of the CPU "
+                    "(tok/s: %s); not remembered", best, 100 * busy, shown)
+        return best
+    remember_batch_size(model_path, plan, best, curve)
+    log.info("batch size %d measured in %.1f s (tok/s: %s)", best, elapsed, shown)
     return best
+
+
+def _others_cpu_seconds() -> float:
+    """CPU seconds the whole machine spent busy, less this process's own."""
+    import psutil
+
+    t = psutil.cpu_times()
+    busy = t.user + t.system + getattr(t, "nice", 0.0) + getattr(t, "irq", 0.0) + getattr(
+        t, "softirq", 0.0)
+    own = psutil.Process().cpu_times()
+    return busy - own.user - own.system
