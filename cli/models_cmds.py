@@ -6,6 +6,7 @@ import click
 
 from cli import output
 from cli.main import cli
+from worker.convert import BITS, GROUP_SIZES, RECIPES
 
 
 @cli.group("models")
@@ -61,6 +62,47 @@ def import_gguf_cmd(path, name, as_json):
         output.print_json(info.to_dict())
     else:
         click.echo(f"imported {path} as {info.name} ({output.size(info.size_bytes)})")
+
+
+@models.command("convert")
+@click.argument("source")
+@click.option("--name", required=True, help="Registry name of the converted model.")
+@click.option("--q-bits", type=click.Choice([str(b) for b in BITS]),
+              help="Bits per weight of the quantized layers [default: 4; mixed recipes set "
+              "their own].")
+@click.option("--q-group-size", type=click.Choice([str(g) for g in GROUP_SIZES]), default="64",
+              show_default=True, help="Weights sharing one scale and bias.")
+@click.option("--recipe", type=click.Choice(RECIPES),
+              help="Per-layer bits: embed_head_6 (embedding and lm_head at 6 bits, the rest at "
+              "--q-bits), or mlx-lm's mixed recipes [default: every layer at --q-bits].")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
+              help="Float dtype of what stays unquantized [default: the source's].")
+@output.json_option
+def convert_cmd(source, name, q_bits, q_group_size, recipe, dtype, as_json):
+    """Quantize a float model (registry name, folder or repo id) into the registry.
+
+    mlx-lm does the conversion (weights are read lazily); a model of hundreds of
+    billions of parameters takes hours. --json prints the new registry entry.
+
+    \b
+    nightshift models convert ./Llama-3_1-Nemotron-Ultra-253B --name nemotron-q4 \\
+        --recipe embed_head_6
+    nightshift models convert ./my-model --name my-model-q3 --recipe mixed_3_4
+    """
+    from worker import registry
+    from worker.convert import ConvertOptions
+
+    options = ConvertOptions(q_bits=int(q_bits) if q_bits else None,
+                             q_group_size=int(q_group_size), recipe=recipe,
+                             dtype=dtype)
+    if not as_json:
+        click.echo(f"converting {source} ({options.describe()}) ...", err=True)
+    info = registry.convert(source, name, options)
+    if as_json:
+        output.print_json(info.to_dict())
+    else:
+        click.echo(f"converted {source} as {info.name}: {info.parameters / 1e6:.1f}M parameters, "
+                   f"bits {info.bits}, {output.size(info.size_bytes)} at {info.path}")
 
 
 @models.command("rm")

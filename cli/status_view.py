@@ -18,6 +18,28 @@ def _worker_json(w) -> dict:
     }
 
 
+def _switch_json(s) -> dict:
+    return {
+        "worker_id": s.worker_id, "from_model": s.from_model, "to_model": s.to_model,
+        "unload_seconds": s.unload_seconds, "load_seconds": s.load_seconds,
+        "warmup_seconds": s.warmup_seconds,
+        "total_seconds": s.unload_seconds + s.load_seconds + s.warmup_seconds, "at": s.at,
+    }
+
+
+def _switch_line(s: dict) -> str:
+    return (f"last model switch: {s['from_model']} -> {s['to_model']} took "
+            f"{s['total_seconds']:.1f} s (unload {s['unload_seconds']:.1f}, load "
+            f"{s['load_seconds']:.1f}, warm-up {s['warmup_seconds']:.1f}), {output.ago(s['at'])}")
+
+
+def _waiting_line(live, waiting: dict[str, int]) -> str:
+    loaded = {w.model for w in live}
+    parts = [f"{model} {n}{' (loaded)' if model in loaded else ''}"
+             for model, n in sorted(waiting.items())]
+    return "requests waiting, by model: " + ", ".join(parts)
+
+
 def _waiting_notes(live, waiting: dict[str, int]) -> list[str]:
     """Plain words for work that nothing will run: the classic overnight failure."""
     notes = []
@@ -48,11 +70,14 @@ def overview(store: Store, limit: int, as_json: bool) -> None:
     waiting = store.models_waiting()
     jobs = store.list_jobs(limit)
     notes = _waiting_notes(live, waiting)
+    switches = store.switches(limit=1)
+    last_switch = _switch_json(switches[0]) if switches else None
     if as_json:
         output.print_json({
             "workers": [_worker_json(w) for w in live],
             "waiting": waiting,
             "notes": notes,
+            "last_switch": last_switch,
             "jobs": [j.to_json() for j in jobs],
         })
         return
@@ -67,6 +92,10 @@ def overview(store: Store, limit: int, as_json: bool) -> None:
         if w.load_seconds is not None:
             click.echo(f"  loaded in {w.load_seconds:.1f} s, warm-up {w.warmup_seconds or 0:.1f} s,"
                        f" peak memory {output.size(w.peak_memory)}")
+    if last_switch:
+        click.echo(_switch_line(last_switch))
+    if waiting and live:
+        click.echo(_waiting_line(live, waiting))
     for note in notes:
         click.echo(note)
     if not jobs:

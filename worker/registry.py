@@ -20,9 +20,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jobs import settings
 from jobs.errors import ModelError, NotFound
+
+if TYPE_CHECKING:
+    from worker.convert import ConvertOptions
 
 MARKER = "nightshift.json"
 # Registry names that `pull` installs without a network: name -> (package, file in it).
@@ -161,6 +165,38 @@ def import_gguf(path: str | Path, name: str | None = None) -> ModelInfo:
     return _install(name, _gguf_builder(path), f"gguf:{path}", "import-gguf")
 
 
+def convert(source: str, name: str, options: ConvertOptions | None = None) -> ModelInfo:
+    """Quantize a float model into the registry as ``name`` with mlx-lm's conversion.
+
+    Args:
+        source: a registry name, a local float model folder, or a Hugging Face repo id.
+        name: the new registry name.
+        options: a ``worker.convert.ConvertOptions`` (bits, group size, recipe, dtype);
+            None: 4-bit, group size 64.
+
+    Raises:
+        NotFound: no such source.
+        ModelError: bad options, a quantized source, the name is invalid or taken, or
+            the conversion failed.
+    """
+    from worker import convert as conversion  # no mlx at import: only its checks run here
+
+    options = options or conversion.ConvertOptions()
+    conversion.check_options(options)
+    path = resolve(source)
+    conversion.check_source(path)
+    _check_new_name(name)
+    summary: dict = {}
+
+    def build(target: Path) -> None:
+        summary.update(conversion.convert(path, target, options))
+
+    return _install(name, build, f"convert:{source} ({options.describe()})", "convert",
+                    details=lambda: {"recipe": options.recipe, "q_bits": options.bits,
+                                     "q_group_size": options.q_group_size,
+                                     "dtype": options.dtype, **summary})
+
+
 def remove(name: str) -> None:
     """Delete a model from the registry.
 
@@ -197,19 +233,29 @@ def _missing_message(name: str) -> str:
     )
 
 
-def _install(name: str, build: Callable[[Path], None], source: str, kind: str) -> ModelInfo:
-    """Build a model with ``build(folder)`` in staging, record its source, rename into place."""
+def _check_new_name(name: str) -> Path:
+    """The folder a new model called ``name`` goes to; raises ModelError if invalid or taken."""
     if not _NAME.match(name):
         raise ModelError(
             f"{name!r} is not a valid model name: use lowercase letters, digits, '.', '_', '-'"
         )
-    root = settings.models_dir()
-    dest = root / name
+    dest = settings.models_dir() / name
     if dest.exists():
         raise ModelError(
             f"a model called {name!r} already exists ({dest}); "
-            f"run `nightshift models remove {name}` first or choose another name"
+            f"run `nightshift models rm {name}` first or choose another name"
         )
+    return dest
+
+
+def _install(name: str, build: Callable[[Path], None], source: str, kind: str,
+             details: Callable[[], dict] | None = None) -> ModelInfo:
+    """Build a model with ``build(folder)`` in staging, record its source, rename into place.
+
+    ``details()``, called after the build, adds to the record in ``nightshift.json``.
+    """
+    dest = _check_new_name(name)
+    root = settings.models_dir()
     staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
     try:
         target = staging / name
@@ -218,6 +264,7 @@ def _install(name: str, build: Callable[[Path], None], source: str, kind: str) -
             "source": source,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "kind": kind,
+            **(details() if details else {}),
         }
         (target / MARKER).write_text(json.dumps(record, indent=2))
         try:
