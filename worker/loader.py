@@ -77,11 +77,12 @@ def load(name: str, options: LoadOptions | None = None) -> LoadedModel:
     if local:
         # Before loading (the seed's model "wouldn't load on 192GB configs"): the
         # weights and at least one full sequence, or the batch the user asked for.
-        memory.check_fits(
-            memory.estimate(path, config=config, batch_size=options.batch_size or 1,
-                            context_tokens=plan_context, dtype=planned),
-            force=options.force,
-        )
+        before = memory.estimate(path, config=config, batch_size=options.batch_size or 1,
+                                 context_tokens=plan_context, dtype=planned)
+        memory.check_fits(before, force=options.force)
+        # Said before loading: a large model can take minutes to load.
+        log.info("loading %s (%s); at batch %d it %s", name, path, before.batch_size,
+                 before.describe())
     start = time.perf_counter()
     try:
         model, tokenizer = mlx_lm.load(
