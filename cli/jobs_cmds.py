@@ -83,7 +83,7 @@ def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, sy
                 job_id, count = submit(store, stream, source, options, registry.is_known)
     except InputError as exc:
         for problem in exc.problems:
-            click.echo(problem, err=True)
+            click.echo(output.printable(problem), err=True)
         if exc.more:
             click.echo(f"... and {exc.more} more bad lines", err=True)
         raise click.ClickException(

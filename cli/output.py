@@ -63,10 +63,20 @@ def rate(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def printable(text: str) -> str:
+    """``text`` with control and other invisible characters escaped (``\\x1b``,
+    ``\\u202e``): a message that quotes a submitted file cannot move the cursor, clear
+    the terminal or split itself into lines that look like other messages."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode()
+                   for c in text)
+
+
 def quiet_unless_tty(quiet: bool) -> bool:
     """Progress shows on a terminal only, never when piped or with --quiet."""
     return quiet or not sys.stderr.isatty()
 
 
 __all__ = ["json_option", "print_json", "table", "duration", "size", "ago", "when", "rate",
-           "console", "quiet_unless_tty"]
+           "console", "quiet_unless_tty", "printable"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 import click
 
@@ -56,4 +58,13 @@ def worker_cmd(model, drain, batch_size, dtype, max_context, force, grace, trust
                          max_context=max_context, force=force,
                          trust_remote_code=trust_remote_code),
     )
-    raise SystemExit(Worker(Store(), options=options).run())
+    worker = Worker(Store(), options=options)
+    code = worker.run()
+    if worker.abandoned_loading:
+        # Stopped while the model loads: that thread is still inside MLX, and tearing
+        # the interpreter down under it can abort the process. Nothing is pending.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
+import os
+import shutil
+import stat
+import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -118,13 +124,38 @@ def submit(
     """
     validate_params(options.params, "job settings")
     chooser = _ModelFromLines(source, options.model)
-    specs = chooser.check(iter_requests(stream, source, raw_default=options.raw))
-    return store.create_job(
-        model=lambda: chooser.model(model_exists),
-        defaults=options.defaults(),
-        specs=specs,
-        name=options.name,
-        source=source,
-        priority=options.priority,
-        not_before=options.not_before,
-    )
+    with _read_at_disk_speed(stream) as stream:
+        specs = chooser.check(iter_requests(stream, source, raw_default=options.raw))
+        return store.create_job(
+            model=lambda: chooser.model(model_exists),
+            defaults=options.defaults(),
+            specs=specs,
+            name=options.name,
+            source=source,
+            priority=options.priority,
+            not_before=options.not_before,
+        )
+
+
+@contextmanager
+def _read_at_disk_speed(stream: BinaryIO) -> Iterator[BinaryIO]:
+    """The stream, or for a pipe, socket or terminal a temporary copy of all of it.
+
+    The job is stored in one write transaction that reads the lines as it goes. Fed
+    by a slow producer (``generate | nightshift submit -``), that transaction would
+    hold the database's write lock for as long as the producer runs, and the
+    worker's result writes would fail once the busy timeout is over. A regular file
+    (or one in memory) is read as fast as it is parsed; anything else is copied
+    first, unlocked, to a file in NIGHTSHIFT_HOME that is gone when closed.
+    """
+    try:
+        regular = stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        regular = True  # no file descriptor: an in-memory stream
+    if regular:
+        yield stream
+        return
+    with tempfile.TemporaryFile(dir=settings.home(), prefix=".submit-") as copy:
+        shutil.copyfileobj(stream, copy, 1 << 20)
+        copy.seek(0)
+        yield copy

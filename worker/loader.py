@@ -84,27 +84,37 @@ def load(name: str, options: LoadOptions | None = None) -> LoadedModel:
         log.info("loading %s (%s); at batch %d it %s", name, path, before.batch_size,
                  before.describe())
     start = time.perf_counter()
+    kwargs = nemotron_nas.load_kwargs(config)
+    # mlx-lm passes trust_remote_code to the model only; the tokenizer (a
+    # tokenizer_config.json "auto_map") is asked here, so that code in the folder runs
+    # only with --trust-remote-code, and transformers never stops to ask on a terminal.
+    kwargs["tokenizer_config"] = {**kwargs.get("tokenizer_config", {}),
+                                  "trust_remote_code": options.trust_remote_code}
     try:
-        model, tokenizer = mlx_lm.load(
-            path, trust_remote_code=options.trust_remote_code,
-            **nemotron_nas.load_kwargs(config),
-        )
+        model, tokenizer = mlx_lm.load(path, trust_remote_code=options.trust_remote_code,
+                                       **kwargs)
     except NightshiftError:
         raise
     except Exception as exc:
-        raise ModelError(f"cannot load model {name!r} from {path}: {exc}") from exc
-    nemotron_nas.apply(model)
-    plan = compute.choose_plan(model, dtype=options.dtype, batch_size=options.batch_size)
-    compute.apply_plan(model, plan)
-    estimate = None
-    if local:
-        if not plan.batch_size:  # measured once per model and machine, within memory
-            plan.batch_size = compute.cached_batch_size(path, model, tokenizer, plan,
-                                                        context_tokens=plan_context)
-        estimate = memory.estimate(path, config=config, batch_size=plan.batch_size,
-                                   context_tokens=plan_context, dtype=plan.weights)
-    else:
-        plan.batch_size = plan.batch_size or DEFAULT_BATCH_SIZE
+        raise ModelError(f"cannot load model {name!r} from {path}: {_one_line(exc)}") from exc
+    try:
+        nemotron_nas.apply(model)
+        plan = compute.choose_plan(model, dtype=options.dtype, batch_size=options.batch_size)
+        compute.apply_plan(model, plan)
+        estimate = None
+        if local:
+            if not plan.batch_size:  # measured once per model and machine, within memory
+                plan.batch_size = compute.cached_batch_size(path, model, tokenizer, plan,
+                                                            context_tokens=plan_context)
+            estimate = memory.estimate(path, config=config, batch_size=plan.batch_size,
+                                       context_tokens=plan_context, dtype=plan.weights)
+        else:
+            plan.batch_size = plan.batch_size or DEFAULT_BATCH_SIZE
+    except NightshiftError:
+        raise
+    except Exception as exc:  # it loaded, but cannot run
+        raise ModelError(f"model {name!r} from {path} loaded but does not run: "
+                         f"{_one_line(exc)}") from exc
     load_seconds = time.perf_counter() - start
     return LoadedModel(name, path, model, tokenizer, config, context, plan, estimate,
                        load_seconds)
@@ -116,9 +126,13 @@ def warm_up(loaded: LoadedModel) -> float:
     from mlx_lm.generate import batch_generate
 
     start = time.perf_counter()
-    tokens = loaded.tokenizer.encode(WARMUP_PROMPT)
-    n = min(loaded.plan.batch_size, 4)
-    batch_generate(loaded.model, loaded.tokenizer, [tokens] * n, max_tokens=4)
+    try:
+        tokens = loaded.tokenizer.encode(WARMUP_PROMPT)
+        n = min(loaded.plan.batch_size, 4)
+        batch_generate(loaded.model, loaded.tokenizer, [tokens] * n, max_tokens=4)
+    except Exception as exc:  # it loaded, but cannot run: say so before taking work
+        raise ModelError(f"model {loaded.name!r} from {loaded.path} loaded but fails to "
+                         f"generate: {_one_line(exc)}") from exc
     loaded.warmup_seconds = time.perf_counter() - start
     return loaded.warmup_seconds
 
@@ -133,6 +147,11 @@ def unload(loaded: LoadedModel | None) -> float:
     gc.collect()
     mx.clear_cache()
     return time.perf_counter() - start
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (transformers' span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _read_config(path: str) -> dict:

@@ -86,14 +86,18 @@ def tensor_headers(model_path: str | Path) -> dict[str, dict[str, Any]]:
         try:
             with open(file, "rb") as f:
                 (size,) = struct.unpack("<Q", f.read(8))
+                # A damaged length must not make us read (or allocate) gigabytes.
+                if size > file.stat().st_size - 8:
+                    raise ValueError(f"its header claims {size} bytes, more than the file has")
                 header = json.loads(f.read(size))
-        except (OSError, ValueError, struct.error) as e:
-            raise ModelError(f"{file}: not a readable safetensors file ({e})") from e
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            begin, end = info["data_offsets"]
-            tensors[name] = {"dtype": info["dtype"], "shape": info["shape"], "nbytes": end - begin}
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                begin, end = info["data_offsets"]
+                tensors[name] = {"dtype": info["dtype"], "shape": info["shape"],
+                                 "nbytes": end - begin}
+        except (OSError, ValueError, struct.error, KeyError, TypeError, AttributeError) as e:
+            raise ModelError(f"{file}: not a readable safetensors file ({e!r})") from e
     return tensors
 
 

@@ -36,6 +36,9 @@ from worker.queue import Queue
 
 log = logging.getLogger("nightshift.worker")
 SWEEP_SECONDS = 1.0  # how often an idle worker looks in the database for lost work
+# How often a worker takes back requests held by workers that have gone since it
+# started (another host's worker whose heartbeat went stale, say).
+RECOVER_SECONDS = 10.0
 CANCEL_POLL_SECONDS = 1.0
 IDLE_WAIT_SECONDS = 0.2
 
@@ -47,6 +50,30 @@ class WorkerOptions:
     grace_seconds: float = 30.0  # SIGINT: finish in-flight requests for this long
     prefix_cache: bool = True  # prefill shared prompt prefixes once
     load: loader.LoadOptions | None = None
+
+
+class _Consumer(Consumer):
+    """Huey's consumer without its signal handlers: the worker's own decide the stop
+    (Huey's would make SIGTERM a graceful stop, or a second SIGINT an exception)."""
+
+    def _set_signal_handlers(self) -> None:
+        pass
+
+
+def _end_mlx_thread() -> None:
+    """Free the MLX streams of the calling thread, at the end of a thread that ran MLX.
+
+    Without this, MLX 0.32 on Linux aborts the process at exit ("terminate called
+    without an active exception", exit 134) about one exit in ten when a thread other
+    than the main one ran MLX work (ml-explore/mlx#3126); MLX asks callers to clear
+    their streams at the end of such threads.
+    """
+    import mlx.core as mx
+
+    try:
+        mx.clear_streams()
+    except Exception:  # never let this keep the thread from reporting it finished
+        log.exception("could not free this thread's MLX streams")
 
 
 def peak_memory_bytes() -> int:
@@ -77,20 +104,36 @@ class Worker:
         self.finished = threading.Event()
         self.error: Exception | None = None
         self.put_back: dict[str, int] = {}
+        self.signalled: str | None = None  # the signal that stopped it
+        # Stopped before its model finished loading: the engine thread is still
+        # inside MLX, so the process must end without interpreter teardown.
+        self.abandoned_loading = False
         self._consumer: Consumer | None = None
 
     # -- main thread ---------------------------------------------------------------
 
     def run(self) -> int:
-        """Serve until stopped (or, with drain, until no work is left); exit code."""
+        """Serve until stopped (or, with drain, until no work is left); exit code.
+
+        A stop signal while the model loads returns at once (nothing is taken before
+        the model is ready) with ``abandoned_loading`` set: the caller should then end
+        the process with ``os._exit``, as the loading thread cannot be joined.
+        """
+        self._install_signals()  # before any thread starts: every stop is ours
         self.store.register_worker(self.id, self.host, self.pid, self.options.serves)
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
         engine_thread = threading.Thread(target=self._serve, name="engine", daemon=True)
         engine_thread.start()
-        self._install_signals()
         # The model is loaded (and warm) before any work is taken.
         while not self.ready.wait(0.2):
-            pass
+            if self.stopping.is_set():
+                # A big model can take minutes to load; a stop should not wait for
+                # that, and there is nothing to put back yet.
+                self.abandoned_loading = True
+                self._stopped()
+                log.info("stopped while loading the model: put back 0 unfinished requests "
+                         "(none had been taken)")
+                return 0
         if self.error is not None:
             self._stopped()
             raise self.error
@@ -102,17 +145,18 @@ class Worker:
         self._consume()
         engine_thread.join()
         self._stopped()
-        if self.put_back:
+        if self.put_back or self.signalled:
             total = sum(self.put_back.values())
             jobs = ", ".join(f"{j} ({n})" for j, n in self.put_back.items())
-            log.info("put back %d unfinished requests for the next worker: %s", total, jobs)
+            log.info("put back %d unfinished requests for the next worker%s", total,
+                     f": {jobs}" if jobs else "")
         if self.error is not None:
             raise self.error
         return 0
 
     def _consume(self) -> None:
-        consumer = Consumer(self.queue.huey, workers=1, worker_type="thread",
-                            periodic=False, max_delay=1.0, check_worker_health=True)
+        consumer = _Consumer(self.queue.huey, workers=1, worker_type="thread",
+                             periodic=False, max_delay=1.0, check_worker_health=True)
         self._consumer = consumer
         consumer.start()
         self._install_signals()  # Huey's start() installs its own; ours decide the stop
@@ -135,6 +179,7 @@ class Worker:
 
     def _on_signal(self, signum, _frame) -> None:
         name = signal.Signals(signum).name
+        self.signalled = self.signalled or name
         if signum == signal.SIGTERM or self.stopping.is_set():
             log.info("%s: putting in-flight requests back and stopping", name)
             self.put_back_now.set()
@@ -190,6 +235,7 @@ class Worker:
             self._switch_to(self.options.serves or self._first_model())
         except Exception as exc:
             self.error = exc
+            _end_mlx_thread()
             self.ready.set()
             return
         self.ready.set()
@@ -200,18 +246,34 @@ class Worker:
             self.error = exc
             self.put_back_now.set()
         finally:
-            self._shutdown()
-            self.finished.set()
-            if self._consumer is not None:
-                self._consumer.stop_flag.set()
+            try:
+                self._shutdown()
+            except Exception as exc:  # the database may be what failed
+                log.exception("could not put in-flight requests back; the next worker to "
+                              "start takes them back")
+                self.error = self.error or exc
+            finally:
+                _end_mlx_thread()
+                self.finished.set()
+                if self._consumer is not None:
+                    self._consumer.stop_flag.set()
 
     def _loop(self) -> None:
         last_sweep = last_cancel_poll = 0.0
+        last_recover = time.monotonic()  # run() recovered just before
         while not self.stopping.is_set():
             now = time.monotonic()
             if now - last_cancel_poll > CANCEL_POLL_SECONDS and self.engine.busy:
                 self._drop_cancelled()
                 last_cancel_poll = now
+            if now - last_recover > RECOVER_SECONDS:
+                # Workers can die after this one started; the sweep below then
+                # finds their requests queued again.
+                recovered = self.store.recover(self.id)
+                if recovered:
+                    log.info("put back %d requests left running by a worker that stopped",
+                             recovered)
+                last_recover = now
             self._fill()
             if self.engine.busy or self.engine.suspects:
                 self.state = "running"
