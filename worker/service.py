@@ -356,6 +356,13 @@ class Worker:
             if self._chunks_for(self.loaded.name) or not self.chunks:
                 return False
             target = self.chunks[0][2].model
+        if self.store.has_runnable(self.loaded.name):
+            # Work for the loaded model whose queue task has not arrived yet: a
+            # switch away and back would cost two loads (minutes for a large model).
+            for chunk in self._runnable():
+                with self._lock:
+                    self._register(chunk)
+            return False
         if not self.store.has_runnable(target):
             with self._lock:  # stale: that work was cancelled or done meanwhile
                 self.chunks = [e for e in self.chunks if e[2].model != target]
@@ -380,6 +387,7 @@ class Worker:
         unload_s = loader.unload(self.loaded) if self.loaded else 0.0
         self.loaded = None
         loaded = loader.load(name, self.options.load)
+        self.state = "warming"
         self.store.update_worker(self.id, state="warming", model=name)
         loader.warm_up(loaded)
         self.loaded = loaded
