@@ -27,6 +27,28 @@ class RequestError(Exception):
     """A request that cannot run (too long, no chat template); it fails alone."""
 
 
+# Prompt tokens (padding included) one generator step prefills, at most.
+PREFILL_TOKENS_PER_STEP = 4096
+MIN_PREFILL_CHUNK = 64
+
+
+def prefill_settings(batch_size: int) -> tuple[int, int]:
+    """BatchGenerator's ``(prefill_batch_size, prefill_step_size)`` for a batch size.
+
+    Every free slot is admitted at once, and each prompt advances by a chunk sized so
+    that one step prefills about ``PREFILL_TOKENS_PER_STEP`` tokens. mlx-lm's defaults
+    (8 prompts, 2048-token chunks) admit a group only every other step (it waits for
+    the previous group to move to decoding) and pad each group to its longest prompt.
+    Measured on this engine alone (SmolLM2 in float32 on 2 CPU cores, the 64 prompts
+    of 36-344 tokens of benchmarks/bench.py, batch 64, 64 new tokens): 46 tok/s and
+    batch occupancy 0.77 with those; 76 tok/s and 0.87 with all at once in 64-token
+    chunks, same outputs. The chunk bound also keeps the prefill's attention scores
+    (materialised on CPU) smaller than with mlx-lm's defaults.
+    """
+    chunk = PREFILL_TOKENS_PER_STEP // max(batch_size, 1)
+    return batch_size, max(MIN_PREFILL_CHUNK, min(2048, chunk))
+
+
 def seeded_sampler(temperature: float, top_p: float, seed: int | None):
     """A sampler with its own random key, so a seed reproduces one request's output
     whatever else shares the batch (mlx-lm's samplers use the global random state)."""
@@ -65,7 +87,7 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer, *, batch_size: int, context_length: int | None = None,
-                 prefill_batch_size: int | None = None, prefill_step_size: int = 2048,
+                 prefill_batch_size: int | None = None, prefill_step_size: int | None = None,
                  prefix_cache: PrefixCache | None = None):
         self.model = model
         self.tokenizer = tokenizer
@@ -73,14 +95,15 @@ class Engine:
         self.context_length = context_length
         self.prefixes = prefix_cache
         self.eos = set(tokenizer.eos_token_ids)
+        # A freed slot is refilled at once, and a long prefill never stalls the decode
+        # of the others for more than one bounded chunk per step.
+        default_batch, default_step = prefill_settings(batch_size)
         self.generator = BatchGenerator(
             model,
             stop_tokens=[[t] for t in self.eos],
             completion_batch_size=batch_size,
-            # Admit new prompts in small groups so a freed slot is refilled at once
-            # without stalling the decode of the others for a long prefill.
-            prefill_batch_size=prefill_batch_size or min(8, batch_size),
-            prefill_step_size=prefill_step_size,
+            prefill_batch_size=prefill_batch_size or default_batch,
+            prefill_step_size=prefill_step_size or default_step,
         )
         self.live: dict[int, Live] = {}
         # Requests that were in a batch when a step raised: rerun one at a time, so
