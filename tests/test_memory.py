@@ -19,6 +19,7 @@ from mlx_lm.generate import BatchGenerator
 from jobs.errors import ResourceError
 from tests.tiny_models import build_tiny_llama
 from worker import compute, memory
+from worker.engine import prefill_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 0.15
@@ -104,11 +105,14 @@ def test_kv_per_token_nemotron_nas_by_hand():
 
 
 def measure_peak(model, batch: int, context: int, new_tokens: int = 8) -> int:
-    """MLX's peak while a full batch generates up to ``context`` tokens each."""
+    """MLX's peak while a full batch generates up to ``context`` tokens each, with the
+    engine's prefill settings."""
     vocab = model.args.vocab_size
     prompts = [[(i * 7 + j) % (vocab - 10) + 5 for j in range(context - new_tokens)]
                for i in range(batch)]
-    gen = BatchGenerator(model, max_tokens=new_tokens, completion_batch_size=batch)
+    prefill_batch, prefill_step = prefill_settings(batch)
+    gen = BatchGenerator(model, max_tokens=new_tokens, completion_batch_size=batch,
+                         prefill_batch_size=prefill_batch, prefill_step_size=prefill_step)
     gen.insert(prompts)
     while gen.next_generated():
         pass

@@ -36,8 +36,6 @@ GB = 1e9
 # mlx-lm's KVCache / BatchKVCache grow in steps of this many tokens.
 KV_STEP = 256
 # mlx-lm BatchGenerator defaults.
-PREFILL_BATCH_SIZE = 8
-PREFILL_STEP_SIZE = 2048
 # Fitted on measured prefill peaks (see module docstring): bytes beyond the KV cache
 # = SCORES x scores + MASK x (query, key) pairs + per token (INTER x intermediate
 # + HIDDEN x hidden) activations.
@@ -273,8 +271,8 @@ def estimate(
     kv_dtype_bytes: int | None = None,
     dtype: str | None = None,
     config: dict | None = None,
-    prefill_batch_size: int = PREFILL_BATCH_SIZE,
-    prefill_step_size: int = PREFILL_STEP_SIZE,
+    prefill_batch_size: int | None = None,
+    prefill_step_size: int | None = None,
     device: str | None = None,
     available: int | None = None,
 ) -> MemoryEstimate:
@@ -291,7 +289,8 @@ def estimate(
         dtype: instead of ``dtype_bytes_weights``, the compute plan's weights
             policy (``as-loaded``, ``float32``, ``bfloat16``, ``float16``).
         config: the model's config.json if already read.
-        prefill_batch_size, prefill_step_size: the BatchGenerator's prefill settings.
+        prefill_batch_size, prefill_step_size: the BatchGenerator's prefill settings
+            (default: the engine's, ``worker.engine.prefill_settings``).
         device: ``cpu``, ``metal`` or ``cuda`` (default: the installed MLX backend);
             only CPU materialises the attention scores.
         available: bytes free (default: ``available_bytes()``).
@@ -318,6 +317,10 @@ def estimate(
 
     # Prefill of the last chunk of one prefill batch, while the rest of the batch
     # already holds its cache (not yet grown by the decode's look-ahead token).
+    if prefill_batch_size is None or prefill_step_size is None:
+        from worker.engine import prefill_settings
+
+        prefill_batch_size, prefill_step_size = prefill_settings(batch_size)
     pb = min(prefill_batch_size, batch_size)
     chunk = min(prefill_step_size, context_tokens)
     pairs = pb * chunk * context_tokens
