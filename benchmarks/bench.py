@@ -809,17 +809,17 @@ def ingest(sizes: Sizes, work: Path, home: Path, c_job: str, clock: Clock) -> di
     status_json = check(run_measured(nightshift("status", job, "--json"), plain_env(ihome),
                                      work / "status-json"), "status --json")
     counts = json.loads(status_json.stdout)["counts"]
-    # The same work in this process, without interpreter start-up and imports.
-    from jobs.store import Store
+    # The same reads in this process (the path the command takes), without interpreter
+    # start-up and imports.
+    from jobs.reads import open_reads
 
-    istore = Store(f"sqlite:///{ihome / 'nightshift.db'}")
+    reads = open_reads(f"sqlite:///{ihome / 'nightshift.db'}")
     inproc = []
     for _ in range(3):
         t0 = time.perf_counter()
-        istore.job(job)
-        istore.request_stats(job)
+        reads.job(job)
+        reads.request_stats(job)
         inproc.append(time.perf_counter() - t0)
-    istore.close()
     big = check(run_measured(nightshift("export", job, "-o", work / "export-big.jsonl"),
                              plain_env(ihome), work / "export-big"), "export")
     small = check(run_measured(nightshift("export", c_job, "-o", work / "export-small.jsonl"),

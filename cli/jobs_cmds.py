@@ -6,16 +6,14 @@ import sys
 import time
 
 import click
-from rich.progress import wrap_file
 
 from cli import output
 from cli.main import cli
 from jobs import settings
-from jobs.errors import InputError
-from jobs.export import FORMATS, export
-from jobs.formats import Params
-from jobs.store import Store
-from jobs.submit import JobOptions, parse_at, submit
+from jobs.export import FORMATS
+
+# Commands import what they use when they run: `status` must not pay for SQLAlchemy,
+# rich or the worker (see jobs/reads.py).
 
 
 def _queue():
@@ -54,6 +52,12 @@ def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, sy
     nightshift submit questions.jsonl --max-tokens 512 --at 02:00
     cat batch.jsonl | nightshift submit - --model smollm2 --json
     """
+    from rich.progress import wrap_file
+
+    from jobs.errors import InputError
+    from jobs.formats import Params
+    from jobs.store import Store
+    from jobs.submit import JobOptions, parse_at, submit
     from worker import registry
 
     try:
@@ -119,12 +123,13 @@ def status_cmd(job, limit, as_json):
     queued with no worker running is the classic overnight failure.
     """
     from cli.status_view import job_detail, overview
+    from jobs.reads import open_reads
 
-    store = Store()
+    reads = open_reads()
     if job:
-        job_detail(store, job, as_json)
+        job_detail(reads, job, as_json)
     else:
-        overview(store, limit, as_json)
+        overview(reads, limit, as_json)
 
 
 @cli.command("cancel")
@@ -132,6 +137,8 @@ def status_cmd(job, limit, as_json):
 @output.json_option
 def cancel_cmd(job, as_json):
     """Stop a job's unstarted requests from running; finished results stay."""
+    from jobs.store import Store
+
     n = Store().cancel(job)
     if as_json:
         output.print_json({"id": job, "cancelled": n})
@@ -144,6 +151,8 @@ def cancel_cmd(job, as_json):
 @output.json_option
 def retry_cmd(job, as_json):
     """Queue a job's failed requests again."""
+    from jobs.store import Store
+
     store = Store()
     n = store.retry(job)
     if n:
@@ -168,6 +177,9 @@ def export_cmd(job, fmt, out, force):
     nightshift export JOB -o results.jsonl
     nightshift export JOB --format csv > results.csv
     """
+    from jobs.export import export
+    from jobs.store import Store
+
     start = time.perf_counter()
     n = export(Store(), job, fmt, out, force=force)
     if out:

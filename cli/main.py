@@ -7,19 +7,11 @@ worker/, and formats the result.
 from __future__ import annotations
 
 import os
-from importlib.metadata import PackageNotFoundError, version
 
 import click
 
 from jobs import settings
 from jobs.errors import NightshiftError
-
-
-def _version() -> str:
-    try:
-        return version("nightshift")
-    except PackageNotFoundError:
-        return "dev"
 
 
 class Group(click.Group):
@@ -42,7 +34,8 @@ def _set_env(name: str):
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(_version(), "--version", prog_name="nightshift")
+# The version is looked up when asked for: importlib.metadata costs every command time.
+@click.version_option(package_name="nightshift", prog_name="nightshift")
 @click.option("--home", envvar=settings.HOME_ENV, expose_value=False, is_eager=True,
               callback=_set_env(settings.HOME_ENV),
               help=f"Data directory [env {settings.HOME_ENV}; default ./data].")

@@ -7,8 +7,6 @@ import sys
 import time
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 
 def json_option(fn):
@@ -20,12 +18,17 @@ def print_json(data) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
-def console() -> Console:
-    # Click's runner swaps sys.stdout; ask for it when printing, not at import.
+def console():
+    # Click's runner swaps sys.stdout; ask for it when printing, not at import. rich is
+    # imported here, not at the top: `status JOB` must start fast and prints no table.
+    from rich.console import Console
+
     return Console(file=sys.stdout, soft_wrap=True)
 
 
 def table(columns: list[str], rows: list[list], title: str | None = None) -> None:
+    from rich.table import Table
+
     t = Table(*columns, title=title, box=None, header_style="bold", pad_edge=False)
     for row in rows:
         t.add_row(*["" if v is None else str(v) for v in row])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from cli import output
-from jobs.store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, Store
+from jobs.reads import CANCELLED, DONE, FAILED, QUEUED, RUNNING, Reads
 
 
 def _worker_json(w) -> dict:
@@ -65,7 +65,7 @@ def _waiting_notes(live, waiting: dict[str, int]) -> list[str]:
     return notes
 
 
-def overview(store: Store, limit: int, as_json: bool) -> None:
+def overview(store: Reads, limit: int, as_json: bool) -> None:
     live = store.live_workers()
     waiting = store.models_waiting()
     jobs = store.list_jobs(limit)
@@ -113,7 +113,7 @@ def overview(store: Store, limit: int, as_json: bool) -> None:
     output.table(["JOB", "NAME", "MODEL", "STATE", "DONE", "FAILED", "TOK/S", "ETA"], rows)
 
 
-def job_detail(store: Store, job_id: str, as_json: bool) -> None:
+def job_detail(store: Reads, job_id: str, as_json: bool) -> None:
     job = store.job(job_id)
     stats = store.request_stats(job_id)
     data = {**job.to_json(), **stats}

@@ -13,12 +13,15 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import orjson
 
 from jobs.errors import NightshiftError
-from jobs.store import DONE, Store
+from jobs.reads import DONE
+
+if TYPE_CHECKING:  # the CLI imports this module for FORMATS: keep it light
+    from jobs.store import Store
 
 CSV_COLUMNS = [
     "line", "custom_id", "status", "response", "finish_reason", "prompt_tokens",

@@ -12,9 +12,10 @@ import os
 import secrets
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import orjson
 from sqlalchemy import (
@@ -23,15 +24,28 @@ from sqlalchemy import (
     case,
     create_engine,
     event,
-    func,
     inspect,
     or_,
     select,
+    text,
 )
 
 from jobs import migrations, schema, settings
-from jobs.errors import InputError, NotFound
+from jobs.errors import InputError
 from jobs.formats import Params
+from jobs.reads import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    TERMINAL,
+    JobSummary,
+    Reads,
+    count_column,
+    job_not_found,
+    pid_alive,
+)
 from jobs.schema import jobs, model_switches, requests, workers
 
 # SQLite settings, chosen on purpose (see README "Guarantees"):
@@ -44,9 +58,6 @@ from jobs.schema import jobs, model_switches, requests, workers
 SQLITE_PRAGMAS = ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=60000", "foreign_keys=ON")
 INSERT_BATCH = 4000
 MAX_REPORTED_PROBLEMS = 50
-
-QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
-TERMINAL = (DONE, FAILED, CANCELLED)
 
 
 @dataclass(frozen=True)
@@ -98,83 +109,6 @@ class Result:
         return FAILED if self.error is not None else DONE
 
 
-@dataclass
-class JobSummary:
-    """A job and its progress, as `status` shows it."""
-
-    id: str
-    name: str | None
-    model: str
-    priority: int
-    total: int
-    created_at: float
-    not_before: float | None
-    cancelled_at: float | None
-    started_at: float | None
-    finished_at: float | None
-    prompt_tokens: int
-    completion_tokens: int
-    peak_memory: int | None
-    counts: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def remaining(self) -> int:
-        return self.counts.get(QUEUED, 0) + self.counts.get(RUNNING, 0)
-
-    @property
-    def state(self) -> str:
-        if self.counts.get(RUNNING):
-            return "running"
-        if self.remaining == 0:
-            if self.cancelled_at:
-                return "cancelled"
-            return "failed" if self.counts.get(FAILED) == self.total else "done"
-        if self.not_before and self.not_before > time.time():
-            return "scheduled"
-        return "queued"
-
-    @property
-    def wall_seconds(self) -> float | None:
-        if self.started_at is None:
-            return None
-        end = self.finished_at if self.remaining == 0 and self.finished_at else time.time()
-        return max(end - self.started_at, 0.0)
-
-    @property
-    def tokens_per_second(self) -> float | None:
-        wall = self.wall_seconds
-        return self.completion_tokens / wall if wall else None
-
-    @property
-    def eta_seconds(self) -> float | None:
-        finished = self.counts.get(DONE, 0) + self.counts.get(FAILED, 0)
-        wall = self.wall_seconds
-        if not self.remaining or not finished or not wall:
-            return None
-        return self.remaining * wall / finished
-
-    def to_json(self) -> dict:
-        return {
-            "id": self.id,
-            "name": self.name,
-            "model": self.model,
-            "state": self.state,
-            "priority": self.priority,
-            "total": self.total,
-            "counts": {s: self.counts.get(s, 0) for s in (QUEUED, RUNNING) + TERMINAL},
-            "created_at": self.created_at,
-            "not_before": self.not_before,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "wall_seconds": self.wall_seconds,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "tokens_per_second": self.tokens_per_second,
-            "eta_seconds": self.eta_seconds,
-            "peak_memory_bytes": self.peak_memory,
-        }
-
-
 def new_job_id() -> str:
     return secrets.token_hex(4)
 
@@ -184,18 +118,12 @@ def worker_identity() -> tuple[str, str, int]:
     return f"{host}:{pid}:{time.time():.0f}", host, pid
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+class Store(Reads):
+    """The results database. Open one per process; it is safe to share between threads.
 
-
-class Store:
-    """The results database. Open one per process; it is safe to share between threads."""
+    The reads `status` shows (``job``, ``list_jobs``, ``request_stats``, ...) are
+    jobs/reads.py's, run here through SQLAlchemy.
+    """
 
     def __init__(self, url: str | None = None):
         self.url = url or settings.database_url()
@@ -226,6 +154,10 @@ class Store:
         """A read transaction: one consistent snapshot, never a half-written job."""
         with self.engine.connect() as conn, conn.begin():
             yield conn
+
+    def _rows(self, sql: str, params: dict | None = None) -> list[dict]:
+        with self.read() as conn:
+            return [dict(r) for r in conn.execute(text(sql), params or {}).mappings()]
 
     # -- submission -----------------------------------------------------------
 
@@ -285,7 +217,8 @@ class Store:
             if batch:
                 insert(batch)
             conn.execute(
-                jobs.update().where(jobs.c.id == job_id).values(total=count, model=model)
+                jobs.update().where(jobs.c.id == job_id)
+                .values(total=count, model=model, **{count_column(QUEUED): count})
             )
         return job_id, count
 
@@ -304,10 +237,7 @@ class Store:
 
     def runnable_chunks(self, model: str | None = None) -> list[Chunk]:
         """Every queued request's range (of ``model``'s jobs), highest priority first."""
-        query = select(jobs).where(
-            jobs.c.cancelled_at.is_(None),
-            jobs.c.id.in_(select(requests.c.job_id).where(requests.c.status == QUEUED)),
-        )
+        query = select(jobs).where(jobs.c.cancelled_at.is_(None), _queued_count() > 0)
         if model is not None:
             query = query.where(jobs.c.model == model)
         with self.read() as conn:
@@ -342,11 +272,8 @@ class Store:
             ).all()
             if not rows:
                 return []
-            conn.execute(
-                requests.update()
-                .where(requests.c.id.in_([r.id for r in rows]), requests.c.status == QUEUED)
-                .values(status=RUNNING, worker_id=worker_id, attempts=requests.c.attempts + 1)
-            )
+            _move(conn, QUEUED, RUNNING, requests.c.id.in_([r.id for r in rows]),
+                  worker_id=worker_id, attempts=requests.c.attempts + 1)
         defaults = json.loads(job.defaults)
         system = defaults.pop("system", None)
         defaults.pop("raw", None)
@@ -369,10 +296,12 @@ class Store:
         stored = 0
         with self.write() as conn:
             per_job: dict[str, list[Result]] = {}
+            rates: dict[str, list[float]] = {}
             for r in results:
                 gen_time = (r.finished_at - r.first_token_at) if r.first_token_at else None
                 prefill_time = (r.first_token_at - r.started_at) if r.first_token_at else None
                 computed = (r.prompt_tokens or 0) - (r.cached_tokens or 0)
+                prompt_tps = computed / prefill_time if prefill_time else None
                 done = conn.execute(
                     requests.update()
                     .where(
@@ -386,7 +315,7 @@ class Store:
                         response=r.response, finish_reason=r.finish_reason,
                         prompt_tokens=r.prompt_tokens, cached_tokens=r.cached_tokens,
                         completion_tokens=r.completion_tokens, error=r.error,
-                        prompt_tps=computed / prefill_time if prefill_time else None,
+                        prompt_tps=prompt_tps,
                         # The first token comes from prefill; the rest from decode.
                         generation_tps=((r.completion_tokens or 1) - 1) / gen_time
                         if gen_time else None,
@@ -395,8 +324,10 @@ class Store:
                 if done:
                     stored += 1
                     per_job.setdefault(r.job_id, []).append(r)
+                    if r.status == DONE and prompt_tps is not None:
+                        rates.setdefault(r.job_id, []).append(prompt_tps)
             for job_id, rs in per_job.items():
-                _add_to_job_totals(conn, job_id, rs, peak_memory)
+                _add_to_job_totals(conn, job_id, rs, rates.get(job_id, []), peak_memory)
         return stored
 
     def release(self, ids: list[int], worker_id: str) -> int:
@@ -404,15 +335,8 @@ class Store:
         if not ids:
             return 0
         with self.write() as conn:
-            return conn.execute(
-                requests.update()
-                .where(
-                    requests.c.id.in_(ids),
-                    requests.c.status == RUNNING,
-                    requests.c.worker_id == worker_id,
-                )
-                .values(status=QUEUED, worker_id=None)
-            ).rowcount
+            return _move(conn, RUNNING, QUEUED, requests.c.id.in_(ids),
+                         requests.c.worker_id == worker_id, worker_id=None)
 
     def recover(self, worker_id: str) -> int:
         """Put back requests left running by workers that are gone; returns how many.
@@ -436,16 +360,12 @@ class Store:
                     w is None
                     or w.stopped_at is not None
                     or now - w.heartbeat_at > settings.HEARTBEAT_STALE_SECONDS
-                    or (w.host == host and (w.pid == pid or not _pid_alive(w.pid)))
+                    or (w.host == host and (w.pid == pid or not pid_alive(w.pid)))
                 ):
                     gone.append(holder)
             if not gone:
                 return 0
-            return conn.execute(
-                requests.update()
-                .where(requests.c.status == RUNNING, requests.c.worker_id.in_(gone))
-                .values(status=QUEUED, worker_id=None)
-            ).rowcount
+            return _move(conn, RUNNING, QUEUED, requests.c.worker_id.in_(gone), worker_id=None)
 
     def cancelled_among(self, job_ids: Iterable[str]) -> set[str]:
         """Which of these jobs were cancelled."""
@@ -464,25 +384,16 @@ class Store:
         if not ids:
             return 0
         with self.write() as conn:
-            return conn.execute(
-                requests.update()
-                .where(requests.c.id.in_(ids), requests.c.worker_id == worker_id,
-                       requests.c.status == RUNNING)
-                .values(status=CANCELLED, finished_at=time.time())
-            ).rowcount
+            return _move(conn, RUNNING, CANCELLED, requests.c.id.in_(ids),
+                         requests.c.worker_id == worker_id, finished_at=time.time())
 
     def fail_model(self, model: str, error: str) -> int:
         """Fail every queued request of a model's jobs (the model cannot be loaded)."""
         now = time.time()
         with self.write() as conn:
-            return conn.execute(
-                requests.update()
-                .where(
-                    requests.c.status == QUEUED,
-                    requests.c.job_id.in_(select(jobs.c.id).where(jobs.c.model == model)),
-                )
-                .values(status=FAILED, error=error, started_at=now, finished_at=now)
-            ).rowcount
+            return _move(conn, QUEUED, FAILED,
+                         requests.c.job_id.in_(select(jobs.c.id).where(jobs.c.model == model)),
+                         error=error, started_at=now, finished_at=now)
 
     # -- user commands ----------------------------------------------------------
 
@@ -495,54 +406,22 @@ class Store:
                 .where(jobs.c.id == job_id, jobs.c.cancelled_at.is_(None))
                 .values(cancelled_at=time.time())
             )
-            return conn.execute(
-                requests.update()
-                .where(requests.c.job_id == job_id, requests.c.status == QUEUED)
-                .values(status=CANCELLED)
-            ).rowcount
+            return _move(conn, QUEUED, CANCELLED, requests.c.job_id == job_id)
 
     def retry(self, job_id: str) -> int:
         """Queue a job's failed requests again; returns how many."""
         with self.write() as conn:
             _job_row(conn, job_id)
             conn.execute(jobs.update().where(jobs.c.id == job_id).values(cancelled_at=None))
-            return conn.execute(
-                requests.update()
-                .where(requests.c.job_id == job_id, requests.c.status == FAILED)
-                .values(status=QUEUED, error=None, worker_id=None, response=None,
-                        finish_reason=None, started_at=None, first_token_at=None,
-                        finished_at=None)
-            ).rowcount
+            return _move(conn, FAILED, QUEUED, requests.c.job_id == job_id,
+                         error=None, worker_id=None, response=None, finish_reason=None,
+                         started_at=None, first_token_at=None, finished_at=None)
 
     # -- reading -----------------------------------------------------------------
-
-    def job(self, job_id: str) -> JobSummary:
-        with self.read() as conn:
-            return _summary(conn, _job_row(conn, job_id))
-
-    def list_jobs(self, limit: int | None = None) -> list[JobSummary]:
-        query = select(jobs).order_by(jobs.c.created_at.desc())
-        if limit:
-            query = query.limit(limit)
-        with self.read() as conn:
-            return [_summary(conn, row) for row in conn.execute(query).all()]
 
     def job_defaults(self, job_id: str) -> dict:
         with self.read() as conn:
             return json.loads(_job_row(conn, job_id).defaults)
-
-    def request_stats(self, job_id: str) -> dict:
-        """Per-request figures over a job's done requests: time to first token p50/p95
-        (seconds) and mean prompt processing rate (tokens/s)."""
-        ttft = requests.c.first_token_at - requests.c.started_at
-        done = (requests.c.job_id == job_id, requests.c.status == DONE)
-        with self.read() as conn:
-            values = sorted(conn.execute(
-                select(ttft).where(*done, requests.c.first_token_at.is_not(None))
-            ).scalars())
-            prompt_tps = conn.execute(select(func.avg(requests.c.prompt_tps)).where(*done)).scalar()
-        return {"ttft_p50": _percentile(values, 0.5), "ttft_p95": _percentile(values, 0.95),
-                "prompt_tps_mean": prompt_tps}
 
     def iter_requests(self, job_id: str, page: int = 1000) -> Iterator:
         """Every request row of a job in input order, read in pages (constant memory)."""
@@ -562,30 +441,14 @@ class Store:
             yield from rows
             last = rows[-1].seq
 
-    def models_waiting(self) -> dict[str, int]:
-        """Queued request counts by model, over jobs that are not cancelled."""
-        with self.read() as conn:
-            rows = conn.execute(
-                select(jobs.c.model, func.count())
-                .select_from(requests.join(jobs, requests.c.job_id == jobs.c.id))
-                .where(requests.c.status == QUEUED, jobs.c.cancelled_at.is_(None))
-                .group_by(jobs.c.model)
-            ).all()
-        return {model: n for model, n in rows}
-
     def has_runnable(self, model: str | None = None, now: float | None = None) -> bool:
         """Whether any queued request could start now (of ``model``'s jobs)."""
         now = now or time.time()
-        query = (
-            select(requests.c.id)
-            .select_from(requests.join(jobs, requests.c.job_id == jobs.c.id))
-            .where(
-                requests.c.status == QUEUED,
-                jobs.c.cancelled_at.is_(None),
-                or_(jobs.c.not_before.is_(None), jobs.c.not_before <= now),
-            )
-            .limit(1)
-        )
+        query = select(jobs.c.id).where(
+            _queued_count() > 0,
+            jobs.c.cancelled_at.is_(None),
+            or_(jobs.c.not_before.is_(None), jobs.c.not_before <= now),
+        ).limit(1)
         if model is not None:
             query = query.where(jobs.c.model == model)
         with self.read() as conn:
@@ -609,18 +472,6 @@ class Store:
         with self.write() as conn:
             conn.execute(workers.update().where(workers.c.id == worker_id).values(**values))
 
-    def live_workers(self) -> list:
-        """Workers whose heartbeat is fresh and that have not stopped."""
-        cutoff = time.time() - settings.HEARTBEAT_STALE_SECONDS
-        host = socket.gethostname()
-        with self.read() as conn:
-            rows = conn.execute(
-                select(workers)
-                .where(workers.c.stopped_at.is_(None), workers.c.heartbeat_at >= cutoff)
-                .order_by(workers.c.started_at)
-            ).all()
-        return [w for w in rows if w.host != host or _pid_alive(w.pid)]
-
     def record_switch(self, worker_id: str, from_model: str | None, to_model: str,
                       unload_seconds: float, load_seconds: float, warmup_seconds: float) -> None:
         with self.write() as conn:
@@ -631,12 +482,6 @@ class Store:
                     warmup_seconds=warmup_seconds, at=time.time(),
                 )
             )
-
-    def switches(self, limit: int = 20) -> list:
-        with self.read() as conn:
-            return conn.execute(
-                select(model_switches).order_by(model_switches.c.at.desc()).limit(limit)
-            ).all()
 
 
 # -- helpers ----------------------------------------------------------------------
@@ -705,7 +550,7 @@ def _migrated(conn: Connection) -> bool:
 def _job_row(conn: Connection, job_id: str):
     row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
     if row is None:
-        raise NotFound(f"no job {job_id!r} (nightshift status lists the jobs)")
+        raise job_not_found(job_id)
     return row
 
 
@@ -724,11 +569,45 @@ def _ranges(job, seqs: Iterable[int]) -> Iterator[Chunk]:
         yield Chunk(job.id, lo, prev, job.priority, job.not_before, job.model)
 
 
-def _add_to_job_totals(conn: Connection, job_id: str, results: list[Result], peak) -> None:
+def _queued_count():
+    return jobs.c[count_column(QUEUED)]
+
+
+def _counts_moved(deltas: dict[str, int]) -> dict:
+    """``jobs`` column updates that move ``deltas`` requests between statuses."""
+    return {count_column(s): jobs.c[count_column(s)] + n for s, n in deltas.items() if n}
+
+
+def _move(conn: Connection, frm: str, to: str, *where, **values) -> int:
+    """Move the requests in status ``frm`` that match ``where`` to status ``to`` (setting
+    ``values``), and their jobs' per-status counts with them, in the caller's
+    transaction. Returns how many moved.
+
+    RETURNING names exactly the rows this statement changed, so the counts stay right
+    whatever another transaction did in between (PostgreSQL's READ COMMITTED included).
+    """
+    moved = conn.execute(
+        requests.update().where(requests.c.status == frm, *where)
+        .values(status=to, **values).returning(requests.c.job_id)
+    ).scalars().all()
+    for job_id, n in Counter(moved).items():
+        conn.execute(jobs.update().where(jobs.c.id == job_id)
+                     .values(**_counts_moved({frm: -n, to: n})))
+    return len(moved)
+
+
+def _add_to_job_totals(conn: Connection, job_id: str, results: list[Result],
+                       prompt_rates: list[float], peak) -> None:
+    """Move stored results' requests out of running in the job's counts, and add them to
+    its running totals."""
     done = [r for r in results if r.error is None]
     first = min(r.started_at for r in results)
     last = max(r.finished_at for r in results)
     values = {
+        **_counts_moved({RUNNING: -len(results), DONE: len(done),
+                         FAILED: len(results) - len(done)}),
+        "prompt_tps_sum": jobs.c.prompt_tps_sum + sum(prompt_rates),
+        "prompt_tps_n": jobs.c.prompt_tps_n + len(prompt_rates),
         "prompt_tokens": jobs.c.prompt_tokens + sum(r.prompt_tokens or 0 for r in done),
         "completion_tokens": jobs.c.completion_tokens
         + sum(r.completion_tokens or 0 for r in done),
@@ -747,30 +626,6 @@ def _add_to_job_totals(conn: Connection, job_id: str, results: list[Result], pea
             else_=jobs.c.peak_memory,
         )
     conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
-
-
-def _summary(conn: Connection, row) -> JobSummary:
-    counts = dict(
-        conn.execute(
-            select(requests.c.status, func.count())
-            .where(requests.c.job_id == row.id)
-            .group_by(requests.c.status)
-        ).all()
-    )
-    return JobSummary(
-        id=row.id, name=row.name, model=row.model, priority=row.priority, total=row.total,
-        created_at=row.created_at, not_before=row.not_before, cancelled_at=row.cancelled_at,
-        started_at=row.started_at, finished_at=row.finished_at,
-        prompt_tokens=row.prompt_tokens or 0, completion_tokens=row.completion_tokens or 0,
-        peak_memory=row.peak_memory, counts=counts,
-    )
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    k = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
-    return values[k]
 
 
 __all__ = [

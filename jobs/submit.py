@@ -11,12 +11,14 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from jobs import settings
 from jobs.errors import InputError
 from jobs.formats import LineError, Params, RequestSpec, iter_requests, validate_params
-from jobs.store import Store
+
+if TYPE_CHECKING:
+    from jobs.store import Store
 
 
 @dataclass

@@ -156,6 +156,7 @@ def check_exactly_once(store: Store, job_ids: list[str], expected: dict[str, str
         job = store.job(job_id)
         rows = list(store.iter_requests(job_id))
         assert job.counts == {DONE: job.total}, (job_id, job.counts)
+        assert Counter(r.status for r in rows) == job.counts  # the kept counts are the rows'
         assert [r.seq for r in rows] == list(range(job.total))
         assert len({r.custom_id for r in rows}) == job.total
         wrong = [r.custom_id for r in rows if r.response != expected[r.custom_id]]

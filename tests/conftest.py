@@ -22,6 +22,25 @@ def home(tmp_path, monkeypatch) -> Path:
     return path
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, home):
+    """A results store on each database: the SQLite file, and a fresh database on the
+    PostgreSQL server of NIGHTSHIFT_TEST_POSTGRES_URL (skipped without one, unless
+    NIGHTSHIFT_REQUIRE_SERVICES is set)."""
+    from jobs.store import Store
+    from tests.backends import postgres_database
+
+    if request.param == "sqlite":
+        s = Store()
+        yield s
+        s.close()
+        return
+    with postgres_database() as url:
+        s = Store(url)
+        yield s
+        s.close()
+
+
 @pytest.fixture
 def invoke():
     """Run a nightshift command in-process, as a user would type it."""

@@ -9,23 +9,10 @@ import time
 
 import pytest
 
-from jobs.store import Chunk, Result, Store
+from jobs.store import Chunk, Result
 from jobs.submit import JobOptions, submit
-from tests.backends import postgres_database, redis_queue
+from tests.backends import redis_queue
 from worker.queue import Queue
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request, home):
-    if request.param == "sqlite":
-        s = Store()
-        yield s
-        s.close()
-        return
-    with postgres_database() as url:
-        s = Store(url)
-        yield s
-        s.close()
 
 
 def job(store, n, **kw):

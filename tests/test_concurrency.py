@@ -164,6 +164,7 @@ def test_clients_submit_read_and_export_while_the_worker_writes(tiny_model, tmp_
     for job in store.list_jobs(limit=None):  # every job whole, its totals its own results
         rows = list(store.iter_requests(job.id))
         assert len(rows) == job.total == sum(job.counts.values())
+        assert job.counts == Counter(r.status for r in rows)  # the kept counts are the rows'
         assert job.completion_tokens == sum(r.completion_tokens or 0 for r in rows
                                             if r.status == DONE)
     print(f"\nconcurrency: {len(roles)} clients for {elapsed:.0f} s, "

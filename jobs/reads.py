@@ -1,0 +1,264 @@
+"""What `status` reads: jobs, per-request timing figures, workers and model switches.
+
+Written once, in plain SQL that SQLite and PostgreSQL both run, over two drivers: the
+Store's SQLAlchemy engine, and sqlite3 itself for a SQLite file (``open_reads``).
+Importing SQLAlchemy alone takes longer than the 0.3 s `nightshift status` may take
+on a 2-core machine, so a status read never imports it when it need not.
+
+Every figure is kept up to date by the writes (per-status counts and running totals
+in ``jobs``, a partial index over done requests' time to first token), so reading a
+million-request job costs a few index steps, not a scan.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+from jobs import migrations, settings
+from jobs.errors import NotFound
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+TERMINAL = (DONE, FAILED, CANCELLED)
+STATUSES = (QUEUED, RUNNING) + TERMINAL
+
+
+def count_column(status: str) -> str:
+    """The ``jobs`` column counting a job's requests in ``status``."""
+    return f"n_{status}"
+
+
+# The partial index over done requests' time to first token (jobs/schema.py): the
+# queries below repeat its condition word for word, as SQLite needs to use it.
+DONE_TTFT_WHERE = "status = 'done' AND first_token_at IS NOT NULL"
+TTFT = "first_token_at - started_at"
+
+
+@dataclass
+class JobSummary:
+    """A job and its progress, as `status` shows it."""
+
+    id: str
+    name: str | None
+    model: str
+    priority: int
+    total: int
+    created_at: float
+    not_before: float | None
+    cancelled_at: float | None
+    started_at: float | None
+    finished_at: float | None
+    prompt_tokens: int
+    completion_tokens: int
+    peak_memory: int | None
+    counts: dict[str, int] = field(default_factory=dict)  # statuses with requests only
+
+    @classmethod
+    def from_row(cls, row) -> JobSummary:
+        """From a ``jobs`` row (a mapping)."""
+        return cls(
+            id=row["id"], name=row["name"], model=row["model"], priority=row["priority"],
+            total=row["total"], created_at=row["created_at"], not_before=row["not_before"],
+            cancelled_at=row["cancelled_at"], started_at=row["started_at"],
+            finished_at=row["finished_at"], prompt_tokens=row["prompt_tokens"] or 0,
+            completion_tokens=row["completion_tokens"] or 0, peak_memory=row["peak_memory"],
+            counts={s: int(row[count_column(s)]) for s in STATUSES if row[count_column(s)]},
+        )
+
+    @property
+    def remaining(self) -> int:
+        return self.counts.get(QUEUED, 0) + self.counts.get(RUNNING, 0)
+
+    @property
+    def state(self) -> str:
+        if self.counts.get(RUNNING):
+            return "running"
+        if self.remaining == 0:
+            if self.cancelled_at:
+                return "cancelled"
+            return "failed" if self.counts.get(FAILED) == self.total else "done"
+        if self.not_before and self.not_before > time.time():
+            return "scheduled"
+        return "queued"
+
+    @property
+    def wall_seconds(self) -> float | None:
+        if self.started_at is None:
+            return None
+        end = self.finished_at if self.remaining == 0 and self.finished_at else time.time()
+        return max(end - self.started_at, 0.0)
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        wall = self.wall_seconds
+        return self.completion_tokens / wall if wall else None
+
+    @property
+    def eta_seconds(self) -> float | None:
+        finished = self.counts.get(DONE, 0) + self.counts.get(FAILED, 0)
+        wall = self.wall_seconds
+        if not self.remaining or not finished or not wall:
+            return None
+        return self.remaining * wall / finished
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "model": self.model,
+            "state": self.state,
+            "priority": self.priority,
+            "total": self.total,
+            "counts": {s: self.counts.get(s, 0) for s in STATUSES},
+            "created_at": self.created_at,
+            "not_before": self.not_before,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "wall_seconds": self.wall_seconds,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "tokens_per_second": self.tokens_per_second,
+            "eta_seconds": self.eta_seconds,
+            "peak_memory_bytes": self.peak_memory,
+        }
+
+
+def job_not_found(job_id: str) -> NotFound:
+    return NotFound(f"no job {job_id!r} (nightshift status lists the jobs)")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Reads:
+    """The read queries; a subclass says how to run one statement (``_rows``).
+
+    Each statement reads the latest committed state; none needs another's snapshot (a
+    done count only grows, so a rank read after it always exists).
+    """
+
+    def _rows(self, sql: str, params: dict | None = None) -> list[dict]:
+        raise NotImplementedError
+
+    def job(self, job_id: str) -> JobSummary:
+        rows = self._rows("SELECT * FROM jobs WHERE id = :id", {"id": job_id})
+        if not rows:
+            raise job_not_found(job_id)
+        return JobSummary.from_row(rows[0])
+
+    def list_jobs(self, limit: int | None = None) -> list[JobSummary]:
+        """Jobs, newest first."""
+        sql = "SELECT * FROM jobs ORDER BY created_at DESC"
+        rows = self._rows(sql + " LIMIT :limit", {"limit": limit}) if limit else self._rows(sql)
+        return [JobSummary.from_row(r) for r in rows]
+
+    def request_stats(self, job_id: str) -> dict:
+        """Per-request figures over a job's done requests: time to first token p50/p95
+        (seconds) and mean prompt processing rate (tokens/s)."""
+        [job] = self._rows("SELECT n_done, prompt_tps_sum, prompt_tps_n FROM jobs "
+                           "WHERE id = :id", {"id": job_id}) or [None]
+        if job is None:
+            raise job_not_found(job_id)
+        n = int(job["n_done"])
+        return {"ttft_p50": self._ttft_rank(job_id, n, 0.5),
+                "ttft_p95": self._ttft_rank(job_id, n, 0.95),
+                "prompt_tps_mean": job["prompt_tps_sum"] / job["prompt_tps_n"]
+                if job["prompt_tps_n"] else None}
+
+    def _ttft_rank(self, job_id: str, done: int, q: float) -> float | None:
+        """The ``q`` quantile (nearest rank) of the job's done requests' time to first
+        token, read off the index from whichever end is nearer."""
+        if not done:
+            return None
+        k = min(done - 1, max(0, round(q * (done - 1))))
+        order, offset = ("ASC", k) if k <= done // 2 else ("DESC", done - 1 - k)
+        rows = self._rows(f"SELECT {TTFT} AS t FROM requests WHERE job_id = :job AND "
+                          f"{DONE_TTFT_WHERE} ORDER BY {TTFT} {order} LIMIT 1 OFFSET :k",
+                          {"job": job_id, "k": offset})
+        return rows[0]["t"] if rows else None
+
+    def models_waiting(self) -> dict[str, int]:
+        """Queued request counts by model, over jobs that are not cancelled."""
+        rows = self._rows("SELECT model, SUM(n_queued) AS n FROM jobs WHERE n_queued > 0 "
+                          "AND cancelled_at IS NULL GROUP BY model")
+        return {r["model"]: int(r["n"]) for r in rows}
+
+    def live_workers(self) -> list:
+        """Workers whose heartbeat is fresh and that have not stopped (and, on this host,
+        whose process exists)."""
+        rows = self._rows("SELECT * FROM workers WHERE stopped_at IS NULL AND "
+                          "heartbeat_at >= :cutoff ORDER BY started_at",
+                          {"cutoff": time.time() - settings.HEARTBEAT_STALE_SECONDS})
+        host = socket.gethostname()
+        return [SimpleNamespace(**r) for r in rows
+                if r["host"] != host or pid_alive(r["pid"])]
+
+    def switches(self, limit: int = 20) -> list:
+        """The latest model switches, newest first."""
+        rows = self._rows("SELECT * FROM model_switches ORDER BY at DESC LIMIT :limit",
+                          {"limit": limit})
+        return [SimpleNamespace(**r) for r in rows]
+
+
+class SqliteReads(Reads):
+    """The reads straight on a SQLite file, through the standard library's driver."""
+
+    def __init__(self, path: Path):
+        # No BEGIN IMMEDIATE, no write: in WAL mode this never waits for a writer.
+        self.conn = sqlite3.connect(path, timeout=60, isolation_level=None)
+        self.conn.row_factory = sqlite3.Row
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def migrated(self) -> bool:
+        try:
+            done = {r["name"] for r in self._rows("SELECT name FROM nightshift_migrations")}
+        except sqlite3.OperationalError:  # no such table: a new or foreign file
+            return False
+        return set(migrations.names()) <= done
+
+    def _rows(self, sql: str, params: dict | None = None) -> list[dict]:
+        return [dict(r) for r in self.conn.execute(sql, params or {})]
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a plain ``sqlite:///PATH`` URL; None for anything else (another
+    database, in-memory, URL options)."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or "?" in url:
+        return None
+    path = url[len(prefix):]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def open_reads(url: str | None = None) -> Reads:
+    """The reads for the results database: sqlite3 on an existing, fully migrated SQLite
+    file; otherwise a Store (which creates or migrates the database first)."""
+    url = url or settings.database_url()
+    path = sqlite_file(url)
+    if path is not None and path.is_file():
+        reads = SqliteReads(path)
+        if reads.migrated():
+            return reads
+        reads.close()
+    from jobs.store import Store
+
+    return Store(url)
+
+
+__all__ = ["Reads", "SqliteReads", "JobSummary", "open_reads", "sqlite_file", "pid_alive",
+           "count_column", "job_not_found", "QUEUED", "RUNNING", "DONE", "FAILED",
+           "CANCELLED", "TERMINAL", "STATUSES"]
