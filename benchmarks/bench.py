@@ -903,8 +903,9 @@ def summarize(res: dict) -> None:
     if a:
         say(f"  A: {a['plan']} (OpenBLAS mapped: {a['openblas']})")
     if b:
-        say(f"  B: {b['plan']} (OpenBLAS mapped: {b['openblas']}); measured batch curve "
-            f"tok/s: {b['batch_curve'] or 'remembered'}")
+        curve = ", ".join(f"{k}: {v:.0f}" for k, v in b["batch_curve"].items())
+        say(f"  B: {b['plan']} (OpenBLAS mapped: {b['openblas']}); measured tok/s by batch "
+            f"size: {curve or 'remembered from an earlier measurement'}")
     if c:
         say(f"  C: {c['plan']}")
         if c.get("ready_line"):
@@ -951,8 +952,8 @@ def summarize(res: dict) -> None:
             f"{_mb(ing['submit_peak_rss'])} (other load {_f(ing['submit_others_cores'], '{:.2f}')}"
             " cores)")
         say(f"status JOB: {', '.join(f'{s:.2f}' for s in ing['status_s'])} s "
-            f"(whole command, 3 runs; the median is checked); of which the database work "
-            f"{ing['status_query_s']:.3f} s, and starting Python + importing the CLI "
+            f"(whole command, 3 runs; the median is checked); of which the database reads "
+            f"{ing['status_query_s'] * 1000:.1f} ms, and starting Python + importing the CLI "
             f"{ing['python_startup_s']:.2f} s")
         say(f"export JOB: {ing['export_records']:,} records in {ing['export_s']:.1f} s "
             f"({ing['export_records_per_s']:,.0f}/s), peak RSS {_mb(ing['export_peak_rss'])} "

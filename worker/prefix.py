@@ -15,6 +15,10 @@ from mlx_lm.models.cache import make_prompt_cache
 
 MIN_PREFIX_TOKENS = 32  # shorter shared prefixes are not worth a cache entry
 DEFAULT_BUDGET_BYTES = 512 * 1024**2
+# Tokens per forward pass when building a prefix's cache. Measured on SmolLM2 in float32
+# on 2 CPU cores, a 1,272-token prefix: 9.8 s in one pass, 7.3 s in 512-token chunks
+# (smaller passes keep the attention scores MLX materialises on CPU small).
+BUILD_CHUNK = 512
 
 
 def common_prefix(token_lists: list[list[int]]) -> list[int]:
@@ -35,7 +39,7 @@ class PrefixCache:
     """KV caches of shared prefixes, least recently used evicted past a byte budget."""
 
     def __init__(self, model, *, budget_bytes: int = DEFAULT_BUDGET_BYTES,
-                 min_tokens: int = MIN_PREFIX_TOKENS, step: int = 2048):
+                 min_tokens: int = MIN_PREFIX_TOKENS, step: int = BUILD_CHUNK):
         self.model = model
         self.budget = budget_bytes
         self.min_tokens = min_tokens
