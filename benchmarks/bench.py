@@ -19,7 +19,7 @@ B. mlx-lm's own ``batch_generate`` on every prompt at once, loaded as the worker
    settings.
 C. nightshift end to end: ``nightshift submit``, then a real ``nightshift worker --drain``
    process; figures read back from the database it wrote (requests and workers tables).
-D. the same questions (the first 32, without their context sentences) behind one shared
+D. the same questions (the first 24, without their context sentences) behind one shared
    ~1000-token system prompt, through the worker with ``--prefix-cache`` and
    ``--no-prefix-cache``: prompt tokens computed, wall time, identical greedy answers.
 Ingest: a 1,000,000-line file through ``nightshift submit`` (lines/s, peak memory), then
@@ -87,7 +87,7 @@ class Sizes:
     max_context: int = 24  # context sentences before a question, at most
 
 
-FULL = Sizes(prompts=64, max_tokens=64, a_prompts=5, d_prompts=32, d_max_tokens=16,
+FULL = Sizes(prompts=64, max_tokens=64, a_prompts=5, d_prompts=24, d_max_tokens=16,
              d_system_tokens=1000, ingest_lines=1_000_000)
 # Fewer prompts than FULL, but more than the batch, so refilling freed slots is exercised;
 # a fixed batch size saves the measurement (about 30 s).
