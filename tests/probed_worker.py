@@ -14,13 +14,16 @@ own code. The probes only observe, except where a test asks for a fault:
   before it commits (default 0.02), so a kill can land inside it.
 * ``NIGHTSHIFT_TEST_LOAD_SECONDS=SECONDS``: loading takes that much longer, as a big
   model's would.
+* SIGUSR1 writes every thread's Python stack to the worker's log.
 * ``NIGHTSHIFT_TEST_POISON_SEED=N``: a request sampled with seed N raises inside the
   generator step, as a broken request would.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import sys
 import time
 
@@ -45,6 +48,8 @@ class PhaseLog:
 
 
 def install() -> None:
+    # A test that finds the worker stuck asks it for every thread's stack (SIGUSR1).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     from jobs import store
     from worker import engine, loader
 

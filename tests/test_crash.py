@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import subprocess
 import time
 from collections import Counter
 
@@ -159,7 +160,13 @@ def test_signal_stops_in_bounded_time_and_says_what_it_put_back(
             at = phases.last
             signalled = time.monotonic()
             proc.send_signal(sig)
-            code = proc.wait(timeout=STOP_BOUND_SECONDS)
+            try:
+                code = proc.wait(timeout=STOP_BOUND_SECONDS)
+            except subprocess.TimeoutExpired:  # stuck: show where each thread is
+                proc.send_signal(signal.SIGUSR1)
+                time.sleep(2)
+                print(log.read_text()[-20000:])
+                raise
             took = time.monotonic() - signalled
         finally:
             if proc.poll() is None:

@@ -17,6 +17,7 @@ there for work whose queue task was lost.
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import signal
 import sys
@@ -76,13 +77,19 @@ def _end_mlx_thread() -> None:
         log.exception("could not free this thread's MLX streams")
 
 
-def peak_memory_bytes() -> int:
-    """The process's peak resident memory (MLX's own peak where it is larger)."""
-    import mlx.core as mx
+def _noted_by_wakeup_fd(_signum, _frame) -> None:
+    """The Python-level handler does nothing: the wakeup fd carries the signal."""
 
+
+def peak_memory_bytes(mlx_peak: int = 0) -> int:
+    """The process's peak resident memory, or MLX's own peak where that is larger.
+
+    ``mlx_peak`` is read by the engine thread (``Worker._read_mlx_peak``): MLX is called
+    from that thread only, as its streams are per thread (ml-explore/mlx#3126).
+    """
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rss *= 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-    return max(rss, mx.get_peak_memory())
+    return max(rss, mlx_peak)
 
 
 class Worker:
@@ -105,6 +112,8 @@ class Worker:
         self.error: Exception | None = None
         self.put_back: dict[str, int] = {}
         self.signalled: str | None = None  # the signal that stopped it
+        self._signal_pipe: int | None = None  # read end of the signal wakeup fd
+        self.mlx_peak = 0  # MLX's peak memory, as the engine thread last read it
         # Stopped before its model finished loading: the engine thread is still
         # inside MLX, so the process must end without interpreter teardown.
         self.abandoned_loading = False
@@ -126,6 +135,7 @@ class Worker:
         engine_thread.start()
         # The model is loaded (and warm) before any work is taken.
         while not self.ready.wait(0.2):
+            self._act_on_signals()
             if self.stopping.is_set():
                 # A big model can take minutes to load; a stop should not wait for
                 # that, and there is nothing to put back yet.
@@ -143,7 +153,10 @@ class Worker:
                  "workers; %d queue tasks for waiting work", self.id,
                  self.loaded.describe() if self.loaded else "no model", recovered, queued)
         self._consume()
-        engine_thread.join()
+        while engine_thread.is_alive():  # a second SIGINT still stops it at once
+            engine_thread.join(0.1)
+            self._act_on_signals()
+        self._act_on_signals()
         self._stopped()
         if self.put_back or self.signalled:
             total = sum(self.put_back.values())
@@ -163,9 +176,10 @@ class Worker:
         try:
             while not self.finished.is_set():
                 try:
-                    consumer.loop()
+                    consumer.loop()  # returns every 0.1 s
                 except ConsumerStopped:
                     break
+                self._act_on_signals()
         finally:
             self.stopping.set()
             with self._lock:
@@ -174,23 +188,46 @@ class Worker:
             self.queue.huey.notify_interrupted_tasks()
 
     def _install_signals(self) -> None:
-        signal.signal(signal.SIGINT, self._on_signal)
-        signal.signal(signal.SIGTERM, self._on_signal)
+        """Route SIGINT and SIGTERM through a wakeup fd that the main thread reads.
 
-    def _on_signal(self, signum, _frame) -> None:
-        name = signal.Signals(signum).name
-        self.signalled = self.signalled or name
-        if signum == signal.SIGTERM or self.stopping.is_set():
-            log.info("%s: putting in-flight requests back and stopping", name)
-            self.put_back_now.set()
-        else:
-            log.info("%s: finishing in-flight requests (up to %.0f s; again to stop now)",
-                     name, self.options.grace_seconds)
-        self.stopping.set()
-        if self._consumer is not None:
-            self._consumer.stop_flag.set()
-        with self._lock:
-            self._lock.notify_all()
+        CPython runs a Python-level handler in the main thread only, when its eval
+        loop next checks; a signal the kernel gives another thread while every thread
+        waits can stay unhandled for good (seen here: about one SIGINT in a hundred in
+        tests/test_crash.py never handled, the process idle but alive). The C-level
+        handler writes the signal number to the wakeup fd at once, and the main thread
+        reads it within 0.2 s (``_act_on_signals``).
+        """
+        signal.signal(signal.SIGINT, _noted_by_wakeup_fd)
+        signal.signal(signal.SIGTERM, _noted_by_wakeup_fd)
+        if self._signal_pipe is None:
+            read_end, write_end = os.pipe()
+            os.set_blocking(read_end, False)
+            os.set_blocking(write_end, False)
+            signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+            self._signal_pipe = read_end
+
+    def _act_on_signals(self) -> None:
+        """Main thread: stop as the signals received ask."""
+        try:
+            received = os.read(self._signal_pipe, 64) if self._signal_pipe is not None else b""
+        except BlockingIOError:  # none since the last look
+            received = b""
+        for signum in received:
+            if signum not in (signal.SIGINT, signal.SIGTERM):
+                continue
+            name = signal.Signals(signum).name
+            self.signalled = self.signalled or name
+            if signum == signal.SIGTERM or self.stopping.is_set():
+                log.info("%s: putting in-flight requests back and stopping", name)
+                self.put_back_now.set()
+            else:
+                log.info("%s: finishing in-flight requests (up to %.0f s; again to stop now)",
+                         name, self.options.grace_seconds)
+            self.stopping.set()
+            if self._consumer is not None:
+                self._consumer.stop_flag.set()
+            with self._lock:
+                self._lock.notify_all()
 
     def _stopped(self) -> None:
         try:
@@ -319,12 +356,19 @@ class Worker:
                 continue
             self._store(self.engine.add(claimed))
 
+    def _read_mlx_peak(self) -> None:
+        """Engine thread only (see ``peak_memory_bytes``)."""
+        import mlx.core as mx
+
+        self.mlx_peak = mx.get_peak_memory()
+
     def _chunks_for(self, model: str) -> list:
         return [e for e in self.chunks if not e[2].model or e[2].model == model]
 
     def _store(self, results: list[Result]) -> None:
         if results:
-            self.store.finish(results, self.id, peak_memory_bytes())
+            self._read_mlx_peak()
+            self.store.finish(results, self.id, peak_memory_bytes(self.mlx_peak))
 
     def _drop_cancelled(self) -> None:
         held = self.engine.held()
@@ -390,6 +434,7 @@ class Worker:
         self.state = "warming"
         self.store.update_worker(self.id, state="warming", model=name)
         loader.warm_up(loaded)
+        self._read_mlx_peak()
         self.loaded = loaded
         prefixes = PrefixCache(loaded.model) if self.options.prefix_cache else None
         self.engine = Engine(loaded.model, loaded.tokenizer, batch_size=loaded.plan.batch_size,
@@ -432,6 +477,6 @@ class Worker:
 
     def _beat(self, **values) -> None:
         engine = self.engine
-        report = {"state": self.state, "peak_memory": peak_memory_bytes(),
+        report = {"state": self.state, "peak_memory": peak_memory_bytes(self.mlx_peak),
                   **(engine.counters() if engine is not None else {}), **values}
         self.store.update_worker(self.id, **report)
