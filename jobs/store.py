@@ -108,6 +108,14 @@ class Result:
     def status(self) -> str:
         return FAILED if self.error is not None else DONE
 
+    @property
+    def prompt_tps(self) -> float | None:
+        """Prompt tokens computed here (not taken from a shared prefix) per second of
+        prefill, from admission to the first token."""
+        prefill_time = (self.first_token_at - self.started_at) if self.first_token_at else None
+        computed = (self.prompt_tokens or 0) - (self.cached_tokens or 0)
+        return computed / prefill_time if prefill_time else None
+
 
 def new_job_id() -> str:
     return secrets.token_hex(4)
@@ -296,12 +304,8 @@ class Store(Reads):
         stored = 0
         with self.write() as conn:
             per_job: dict[str, list[Result]] = {}
-            rates: dict[str, list[float]] = {}
             for r in results:
                 gen_time = (r.finished_at - r.first_token_at) if r.first_token_at else None
-                prefill_time = (r.first_token_at - r.started_at) if r.first_token_at else None
-                computed = (r.prompt_tokens or 0) - (r.cached_tokens or 0)
-                prompt_tps = computed / prefill_time if prefill_time else None
                 done = conn.execute(
                     requests.update()
                     .where(
@@ -315,7 +319,7 @@ class Store(Reads):
                         response=r.response, finish_reason=r.finish_reason,
                         prompt_tokens=r.prompt_tokens, cached_tokens=r.cached_tokens,
                         completion_tokens=r.completion_tokens, error=r.error,
-                        prompt_tps=prompt_tps,
+                        prompt_tps=r.prompt_tps,
                         # The first token comes from prefill; the rest from decode.
                         generation_tps=((r.completion_tokens or 1) - 1) / gen_time
                         if gen_time else None,
@@ -324,10 +328,8 @@ class Store(Reads):
                 if done:
                     stored += 1
                     per_job.setdefault(r.job_id, []).append(r)
-                    if r.status == DONE and prompt_tps is not None:
-                        rates.setdefault(r.job_id, []).append(prompt_tps)
             for job_id, rs in per_job.items():
-                _add_to_job_totals(conn, job_id, rs, rates.get(job_id, []), peak_memory)
+                _add_to_job_totals(conn, job_id, rs, peak_memory)
         return stored
 
     def release(self, ids: list[int], worker_id: str) -> int:
@@ -544,7 +546,7 @@ def _migrated(conn: Connection) -> bool:
     if not inspect(conn).has_table(schema.migrations.name):
         return False
     done = set(conn.execute(select(schema.migrations.c.name)).scalars())
-    return all(m.__name__ in done for m in migrations.MIGRATIONS)
+    return set(migrations.names()) <= done
 
 
 def _job_row(conn: Connection, job_id: str):
@@ -596,11 +598,11 @@ def _move(conn: Connection, frm: str, to: str, *where, **values) -> int:
     return len(moved)
 
 
-def _add_to_job_totals(conn: Connection, job_id: str, results: list[Result],
-                       prompt_rates: list[float], peak) -> None:
+def _add_to_job_totals(conn: Connection, job_id: str, results: list[Result], peak) -> None:
     """Move stored results' requests out of running in the job's counts, and add them to
     its running totals."""
     done = [r for r in results if r.error is None]
+    prompt_rates = [r.prompt_tps for r in done if r.prompt_tps is not None]
     first = min(r.started_at for r in results)
     last = max(r.finished_at for r in results)
     values = {
