@@ -85,7 +85,7 @@ def overview(store: Reads, limit: int, as_json: bool) -> None:
         click.echo(
             f"worker {w.id}: {w.state}, model {w.model or '-'}"
             f"{' (serves only ' + w.serves + ')' if w.serves else ''}, batch {w.batch_size or '-'},"
-            f" heartbeat {output.ago(w.heartbeat_at)}"
+            f" heartbeat {output.duration(w.heartbeat_age)} ago"
         )
         if w.compute:
             click.echo(f"  compute: {w.compute}")

@@ -28,11 +28,14 @@ from cli.main import cli
               "them back (SIGTERM puts them back at once).")
 @click.option("--trust-remote-code", is_flag=True,
               help="Allow a model folder's own Python code to run (off by default).")
+@click.option("--max-attempts", type=click.IntRange(1, 100), default=3, show_default=True,
+              help="Fail a request once a worker has died this many times while running it "
+              "(it is likely what kills the worker).")
 @click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
               help="Prefill a prompt prefix that requests share (a job's system prompt) once.")
 @click.option("--verbose", "-v", is_flag=True, help="Log debug detail.")
 def worker_cmd(model, drain, batch_size, dtype, max_context, force, grace, trust_remote_code,
-               prefix_cache, verbose):
+               max_attempts, prefix_cache, verbose):
     """Load a model once, keep it warm, and run queued requests with continuous batching.
 
     \b
@@ -54,6 +57,7 @@ def worker_cmd(model, drain, batch_size, dtype, max_context, force, grace, trust
 
     options = WorkerOptions(
         serves=model, drain=drain, grace_seconds=grace, prefix_cache=prefix_cache,
+        max_attempts=max_attempts,
         load=LoadOptions(dtype=None if dtype == "auto" else dtype, batch_size=batch_size,
                          max_context=max_context, force=force,
                          trust_remote_code=trust_remote_code),

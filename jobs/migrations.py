@@ -54,7 +54,17 @@ def m002_job_counts(conn: Connection) -> None:
     conn.execute(CreateIndex(schema.done_ttft_index, if_not_exists=True))
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [m001_initial, m002_job_counts]
+def m005_request_losses(conn: Connection) -> None:
+    """``requests.lost``: how many times a worker died while running a request, so
+    the one that kills the worker is run apart and failed after a few deaths."""
+    from sqlalchemy import inspect, text
+
+    if "lost" not in {c["name"] for c in inspect(conn).get_columns("requests")}:
+        conn.execute(text("ALTER TABLE requests ADD COLUMN lost INTEGER NOT NULL DEFAULT 0"))
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [m001_initial, m002_job_counts,
+                                                   m005_request_losses]
 
 
 def names() -> list[str]:

@@ -12,8 +12,6 @@ million-request job costs a few index steps, not a scan.
 
 from __future__ import annotations
 
-import os
-import socket
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -22,6 +20,7 @@ from types import SimpleNamespace
 
 from jobs import migrations, settings
 from jobs.errors import NotFound
+from jobs.hosts import host_id, pid_alive
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 TERMINAL = (DONE, FAILED, CANCELLED)
@@ -132,14 +131,17 @@ def job_not_found(job_id: str) -> NotFound:
     return NotFound(f"no job {job_id!r} (nightshift status lists the jobs)")
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+# The database's clock, in Unix seconds. Heartbeats are written and judged on it, so
+# a host whose clock is off cannot make a live worker look dead to the others.
+_DB_NOW = {
+    "sqlite": "((julianday('now') - 2440587.5) * 86400.0)",
+    "postgresql": "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)",
+}
+
+
+def db_now_sql(dialect: str) -> str:
+    """An SQL expression for the database's current time, in Unix seconds."""
+    return _DB_NOW[dialect]
 
 
 class Reads:
@@ -148,6 +150,8 @@ class Reads:
     Each statement reads the latest committed state; none needs another's snapshot (a
     done count only grows, so a rank read after it always exists).
     """
+
+    dialect = "sqlite"
 
     def _rows(self, sql: str, params: dict | None = None) -> list[dict]:
         raise NotImplementedError
@@ -198,12 +202,13 @@ class Reads:
     def live_workers(self) -> list:
         """Workers whose heartbeat is fresh and that have not stopped (and, on this host,
         whose process exists)."""
-        rows = self._rows("SELECT * FROM workers WHERE stopped_at IS NULL AND "
-                          "heartbeat_at >= :cutoff ORDER BY started_at",
-                          {"cutoff": time.time() - settings.HEARTBEAT_STALE_SECONDS})
-        host = socket.gethostname()
+        now = db_now_sql(self.dialect)
+        rows = self._rows(f"SELECT *, {now} - heartbeat_at AS heartbeat_age FROM workers "
+                          f"WHERE stopped_at IS NULL AND heartbeat_at >= {now} - :stale "
+                          "ORDER BY started_at", {"stale": settings.HEARTBEAT_STALE_SECONDS})
+        here = host_id()
         return [SimpleNamespace(**r) for r in rows
-                if r["host"] != host or pid_alive(r["pid"])]
+                if r["host"] != here or pid_alive(r["pid"])]
 
     def switches(self, limit: int = 20) -> list:
         """The latest model switches, newest first."""
@@ -259,6 +264,6 @@ def open_reads(url: str | None = None) -> Reads:
     return Store(url)
 
 
-__all__ = ["Reads", "SqliteReads", "JobSummary", "open_reads", "sqlite_file", "pid_alive",
+__all__ = ["Reads", "SqliteReads", "JobSummary", "open_reads", "sqlite_file", "db_now_sql",
            "count_column", "job_not_found", "QUEUED", "RUNNING", "DONE", "FAILED",
            "CANCELLED", "TERMINAL", "STATUSES"]

@@ -70,6 +70,8 @@ requests = Table(
     Column("metadata", Text),  # JSON object, kept for export
     Column("status", String(16), nullable=False),
     Column("attempts", Integer, nullable=False, default=0),
+    # Times a worker died while running it (taken back by Store.recover).
+    Column("lost", Integer, nullable=False, default=0, server_default="0"),
     Column("worker_id", String(128)),
     Column("started_at", Float),
     Column("first_token_at", Float),
@@ -97,7 +99,7 @@ workers = Table(
     "workers",
     metadata,
     Column("id", String(128), primary_key=True),
-    Column("host", Text, nullable=False),
+    Column("host", Text, nullable=False),  # host id: hostname + machine, boot, pid namespace
     Column("pid", Integer, nullable=False),
     Column("serves", Text),  # --model: the only model it serves; NULL = any
     Column("model", Text),  # the model loaded now

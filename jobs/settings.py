@@ -26,6 +26,9 @@ CHUNK_SIZE = 512
 # A worker whose heartbeat is older than this is taken as gone.
 HEARTBEAT_SECONDS = 5.0
 HEARTBEAT_STALE_SECONDS = 30.0
+# A request whose worker died this many times while running it is failed (worker
+# --max-attempts): it is likely what kills the worker.
+DEFAULT_MAX_ATTEMPTS = 3
 
 
 def home() -> Path:

@@ -7,10 +7,12 @@ claimed by one worker only and its result is stored exactly once.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
+import random
 import secrets
-import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -25,12 +27,14 @@ from sqlalchemy import (
     create_engine,
     event,
     inspect,
+    literal_column,
     or_,
     select,
     text,
 )
+from sqlalchemy.exc import DBAPIError, OperationalError
 
-from jobs import migrations, schema, settings
+from jobs import hosts, migrations, schema, settings
 from jobs.errors import InputError
 from jobs.formats import Params
 from jobs.reads import (
@@ -43,8 +47,8 @@ from jobs.reads import (
     JobSummary,
     Reads,
     count_column,
+    db_now_sql,
     job_not_found,
-    pid_alive,
 )
 from jobs.schema import jobs, model_switches, requests, workers
 
@@ -58,6 +62,14 @@ from jobs.schema import jobs, model_switches, requests, workers
 SQLITE_PRAGMAS = ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=60000", "foreign_keys=ON")
 INSERT_BATCH = 4000
 MAX_REPORTED_PROBLEMS = 50
+# A transient database error (a deadlock, a serialization failure, "database is
+# locked", a dropped connection) is retried with backoff for this long before it is
+# reported: a worker must not end its night over one.
+RETRY_SECONDS = 120.0
+# PostgreSQL error classes that a retry of the whole transaction can cure: deadlock,
+# serialization failure, lock not available; class 08 is a lost connection.
+_TRANSIENT_SQLSTATES = {"40P01", "40001", "55P03"}
+log = logging.getLogger("nightshift.store")
 
 
 @dataclass(frozen=True)
@@ -86,6 +98,7 @@ class Claimed:
     body: object  # messages list or prompt string
     params: dict  # job defaults merged with the line's overrides
     system: str | None
+    lost: int = 0  # times a worker died while running it
 
 
 @dataclass
@@ -116,14 +129,64 @@ class Result:
         computed = (self.prompt_tokens or 0) - (self.cached_tokens or 0)
         return computed / prefill_time if prefill_time else None
 
+    @property
+    def generation_tps(self) -> float | None:
+        """Tokens per second of decode: the first token comes from prefill, the rest
+        from decode steps."""
+        gen_time = (self.finished_at - self.first_token_at) if self.first_token_at else None
+        return ((self.completion_tokens or 1) - 1) / gen_time if gen_time else None
+
+
+@dataclass(frozen=True)
+class Recovered:
+    """What taking back a dead worker's requests did."""
+
+    requeued: int  # queued again, to run isolated (see ``claim_lost``)
+    failed: int  # lost too often: failed with the reason
+
 
 def new_job_id() -> str:
     return secrets.token_hex(4)
 
 
 def worker_identity() -> tuple[str, str, int]:
-    host, pid = socket.gethostname(), os.getpid()
+    """(worker id, host id, pid) for a worker starting in this process."""
+    host, pid = hosts.host_id(), os.getpid()
     return f"{host}:{pid}:{time.time():.0f}", host, pid
+
+
+def _transient(exc: DBAPIError) -> bool:
+    """Whether retrying the whole transaction can cure ``exc``."""
+    if exc.connection_invalidated:
+        return True
+    code = getattr(exc.orig, "sqlstate", None)
+    if code:
+        return code in _TRANSIENT_SQLSTATES or code.startswith("08")
+    text_ = str(exc.orig).lower()
+    return isinstance(exc, OperationalError) and ("locked" in text_ or "busy" in text_)
+
+
+def _retrying(method):
+    """Rerun a Store method whose transaction failed for a transient reason, with
+    backoff, for up to RETRY_SECONDS; each retry is logged. The method must be one
+    transaction (or several that may each run again)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        deadline = time.monotonic() + RETRY_SECONDS
+        delay = 0.05
+        while True:
+            try:
+                return method(self, *args, **kwargs)
+            except DBAPIError as exc:
+                if not _transient(exc) or time.monotonic() > deadline:
+                    raise
+                reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+                log.warning("%s: %s; retrying in %.2f s", method.__name__, reason, delay)
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 5.0)
+
+    return wrapper
 
 
 class Store(Reads):
@@ -136,6 +199,7 @@ class Store(Reads):
     def __init__(self, url: str | None = None):
         self.url = url or settings.database_url()
         self.engine = _make_engine(self.url)
+        self.dialect = self.engine.dialect.name
         # Checked first in a read: a read command (status, export) then never waits
         # for the write lock, which a worker or a big submit may hold.
         with self.read() as conn:
@@ -243,6 +307,7 @@ class Store(Reads):
             ).scalars()
             return list(_ranges(job, seqs))
 
+    @_retrying
     def runnable_chunks(self, model: str | None = None) -> list[Chunk]:
         """Every queued request's range (of ``model``'s jobs), highest priority first."""
         query = select(jobs).where(jobs.c.cancelled_at.is_(None), _queued_count() > 0)
@@ -261,39 +326,82 @@ class Store(Reads):
 
     # -- the worker's side -----------------------------------------------------
 
+    @_retrying
     def claim(self, chunk: Chunk, worker_id: str, limit: int) -> list[Claimed]:
-        """Take up to ``limit`` queued requests of a chunk for this worker, in input order."""
+        """Take up to ``limit`` queued requests of a chunk for this worker, in input order.
+
+        Hands out exactly the rows this transaction moved to running, so two workers
+        never get the same request. Requests lost with a dead worker are left to
+        ``claim_lost``, which runs them apart from healthy work.
+        """
         with self.write() as conn:
-            job = conn.execute(select(jobs).where(jobs.c.id == chunk.job_id)).first()
+            [job] = _lock_jobs(conn, [chunk.job_id]) or [None]
             if job is None or job.cancelled_at is not None:
                 return []
-            rows = conn.execute(
-                select(requests.c.id, requests.c.seq, requests.c.kind, requests.c.body,
-                       requests.c.params)
+            pick = (
+                select(requests.c.id)
                 .where(
                     requests.c.job_id == chunk.job_id,
                     requests.c.seq.between(chunk.lo, chunk.hi),
                     requests.c.status == QUEUED,
+                    requests.c.lost == 0,
                 )
                 .order_by(requests.c.seq)
                 .limit(limit)
-            ).all()
-            if not rows:
-                return []
-            _move(conn, QUEUED, RUNNING, requests.c.id.in_([r.id for r in rows]),
-                  worker_id=worker_id, attempts=requests.c.attempts + 1)
-        defaults = json.loads(job.defaults)
-        system = defaults.pop("system", None)
-        defaults.pop("raw", None)
-        out = []
-        for r in rows:
-            params = dict(defaults)
-            if r.params:
-                params.update(json.loads(r.params))
-            body = orjson.loads(r.body)
-            out.append(Claimed(r.id, chunk.job_id, r.seq, r.kind, body, params, system))
-        return out
+            )
+            rows = _move(conn, QUEUED, RUNNING, requests.c.id.in_(pick), jobs_locked=True,
+                         returning=_CLAIM_COLUMNS, worker_id=worker_id,
+                         attempts=requests.c.attempts + 1)
+        return _claimed(rows, {job.id: job})
 
+    @_retrying
+    def claim_lost(self, worker_id: str, model: str, group: int) -> list[Claimed]:
+        """Take requests whose worker died while running them, to run apart from others.
+
+        The most-lost come first: lost twice or more, one alone; lost once, up to
+        ``group`` together, all lost the same number of times. So the request that
+        kills the process is found in a few deaths, without healthy work dying with it.
+        """
+        now = time.time()
+        with self.write() as conn:
+            runnable = _runnable_jobs(now).where(jobs.c.model == model)
+            top = conn.execute(
+                select(requests.c.lost)
+                .where(requests.c.status == QUEUED, requests.c.lost > 0,
+                       requests.c.job_id.in_(runnable))
+                .order_by(requests.c.lost.desc()).limit(1)
+            ).scalar()
+            if top is None:
+                return []
+            pick = (
+                select(requests.c.id)
+                .join(jobs, jobs.c.id == requests.c.job_id)
+                .where(requests.c.status == QUEUED, requests.c.lost == top,
+                       requests.c.job_id.in_(runnable))
+                .order_by(jobs.c.priority.desc(), jobs.c.created_at, requests.c.seq)
+                .limit(1 if top >= 2 else group)
+            )
+            ids = list(conn.execute(pick).scalars())
+            rows = _move(conn, QUEUED, RUNNING, requests.c.id.in_(ids),
+                         returning=_CLAIM_COLUMNS, worker_id=worker_id,
+                         attempts=requests.c.attempts + 1)
+            held = {j.id: j for j in conn.execute(
+                select(jobs).where(jobs.c.id.in_({r.job_id for r in rows})))}
+        return _claimed(rows, held)
+
+    @_retrying
+    def has_lost(self, model: str) -> bool:
+        """Whether requests of ``model`` lost with a dead worker wait to run now."""
+        with self.read() as conn:
+            return conn.execute(
+                select(requests.c.id).where(
+                    requests.c.status == QUEUED, requests.c.lost > 0,
+                    requests.c.job_id.in_(_runnable_jobs(time.time())
+                                          .where(jobs.c.model == model)),
+                ).limit(1)
+            ).first() is not None
+
+    @_retrying
     def finish(self, results: list[Result], worker_id: str, peak_memory: int | None = None) -> int:
         """Store results of requests this worker holds, in one transaction.
 
@@ -303,9 +411,9 @@ class Store(Reads):
         """
         stored = 0
         with self.write() as conn:
+            _lock_jobs(conn, {r.job_id for r in results})
             per_job: dict[str, list[Result]] = {}
             for r in results:
-                gen_time = (r.finished_at - r.first_token_at) if r.first_token_at else None
                 done = conn.execute(
                     requests.update()
                     .where(
@@ -319,56 +427,76 @@ class Store(Reads):
                         response=r.response, finish_reason=r.finish_reason,
                         prompt_tokens=r.prompt_tokens, cached_tokens=r.cached_tokens,
                         completion_tokens=r.completion_tokens, error=r.error,
-                        prompt_tps=r.prompt_tps,
-                        # The first token comes from prefill; the rest from decode.
-                        generation_tps=((r.completion_tokens or 1) - 1) / gen_time
-                        if gen_time else None,
+                        prompt_tps=r.prompt_tps, generation_tps=r.generation_tps,
                     )
                 ).rowcount
                 if done:
                     stored += 1
                     per_job.setdefault(r.job_id, []).append(r)
-            for job_id, rs in per_job.items():
+            for job_id, rs in sorted(per_job.items()):
                 _add_to_job_totals(conn, job_id, rs, peak_memory)
         return stored
 
+    @_retrying
     def release(self, ids: list[int], worker_id: str) -> int:
         """Put requests this worker holds back in the queue state; returns how many."""
         if not ids:
             return 0
         with self.write() as conn:
-            return _move(conn, RUNNING, QUEUED, requests.c.id.in_(ids),
-                         requests.c.worker_id == worker_id, worker_id=None)
+            return len(_move(conn, RUNNING, QUEUED, requests.c.id.in_(ids),
+                             requests.c.worker_id == worker_id, worker_id=None))
 
-    def recover(self, worker_id: str) -> int:
-        """Put back requests left running by workers that are gone; returns how many.
+    @_retrying
+    def held_by(self, worker_id: str) -> set[int]:
+        """The ids of the requests running under this worker, as the database has them."""
+        with self.read() as conn:
+            return set(conn.execute(select(requests.c.id).where(
+                requests.c.status == RUNNING, requests.c.worker_id == worker_id)).scalars())
 
-        A worker is gone when it said it stopped, its heartbeat is stale, or it ran
-        on this host and its process no longer exists, or is this very process (a
-        worker restarted with the same pid, as a container's first process is).
+    @_retrying
+    def recover(self, worker_id: str,
+                max_attempts: int = settings.DEFAULT_MAX_ATTEMPTS) -> Recovered:
+        """Take back requests left running by workers that are gone.
+
+        A worker is gone when it said it stopped, its heartbeat is stale on the
+        database's clock, or it ran on this host (same host id: machine, boot and pid
+        namespace) and its process no longer exists, or is this very process. Each
+        request taken back counts one more loss; one lost ``max_attempts`` times is
+        failed with the reason, the others are queued again.
         """
         now = time.time()
-        host, pid = socket.gethostname(), os.getpid()
         with self.write() as conn:
             holders = conn.execute(
                 select(requests.c.worker_id).where(requests.c.status == RUNNING).distinct()
             ).scalars().all()
+            age = (literal_column(db_now_sql(conn.dialect.name)) - workers.c.heartbeat_at)
             gone = []
             for holder in holders:
                 if holder == worker_id:
                     continue
-                w = conn.execute(select(workers).where(workers.c.id == holder)).first()
+                w = conn.execute(select(workers, age.label("age"))
+                                 .where(workers.c.id == holder)).first()
                 if (
                     w is None
                     or w.stopped_at is not None
-                    or now - w.heartbeat_at > settings.HEARTBEAT_STALE_SECONDS
-                    or (w.host == host and (w.pid == pid or not pid_alive(w.pid)))
+                    or w.age > settings.HEARTBEAT_STALE_SECONDS
+                    or hosts.on_this_host_and_gone(w.host, w.pid)
                 ):
                     gone.append(holder)
             if not gone:
-                return 0
-            return _move(conn, RUNNING, QUEUED, requests.c.worker_id.in_(gone), worker_id=None)
+                return Recovered(0, 0)
+            theirs = requests.c.worker_id.in_(gone)
+            failed = _move(
+                conn, RUNNING, FAILED, theirs, requests.c.lost + 1 >= max_attempts,
+                lost=requests.c.lost + 1, started_at=now, finished_at=now,
+                error=f"the worker died {max_attempts} times while running it "
+                      "(worker --max-attempts): it may crash the model; check it, then "
+                      "nightshift retry the job")
+            requeued = _move(conn, RUNNING, QUEUED, theirs, lost=requests.c.lost + 1,
+                             worker_id=None)
+            return Recovered(len(requeued), len(failed))
 
+    @_retrying
     def cancelled_among(self, job_ids: Iterable[str]) -> set[str]:
         """Which of these jobs were cancelled."""
         ids = list(job_ids)
@@ -381,43 +509,53 @@ class Store(Reads):
                 ).scalars()
             )
 
+    @_retrying
     def mark_cancelled(self, ids: list[int], worker_id: str) -> int:
         """Mark requests this worker dropped because their job was cancelled."""
         if not ids:
             return 0
         with self.write() as conn:
-            return _move(conn, RUNNING, CANCELLED, requests.c.id.in_(ids),
-                         requests.c.worker_id == worker_id, finished_at=time.time())
+            return len(_move(conn, RUNNING, CANCELLED, requests.c.id.in_(ids),
+                             requests.c.worker_id == worker_id, finished_at=time.time()))
 
+    @_retrying
     def fail_model(self, model: str, error: str) -> int:
-        """Fail every queued request of a model's jobs (the model cannot be loaded)."""
+        """Fail the requests of a model's jobs that could run now (the model cannot be
+        loaded); jobs held for later (``--at``) and cancelled ones are untouched."""
         now = time.time()
         with self.write() as conn:
-            return _move(conn, QUEUED, FAILED,
-                         requests.c.job_id.in_(select(jobs.c.id).where(jobs.c.model == model)),
-                         error=error, started_at=now, finished_at=now)
+            return len(_move(conn, QUEUED, FAILED,
+                             requests.c.job_id.in_(_runnable_jobs(now)
+                                                   .where(jobs.c.model == model)),
+                             error=error, started_at=now, finished_at=now))
 
     # -- user commands ----------------------------------------------------------
 
+    @_retrying
     def cancel(self, job_id: str) -> int:
         """Stop a job's unstarted requests from running; returns how many were cancelled."""
         with self.write() as conn:
-            _job_row(conn, job_id)
+            if not _lock_jobs(conn, [job_id]):
+                raise job_not_found(job_id)
             conn.execute(
                 jobs.update()
                 .where(jobs.c.id == job_id, jobs.c.cancelled_at.is_(None))
                 .values(cancelled_at=time.time())
             )
-            return _move(conn, QUEUED, CANCELLED, requests.c.job_id == job_id)
+            return len(_move(conn, QUEUED, CANCELLED, requests.c.job_id == job_id,
+                             jobs_locked=True))
 
+    @_retrying
     def retry(self, job_id: str) -> int:
-        """Queue a job's failed requests again; returns how many."""
+        """Queue a job's failed requests again, with their losses forgiven; returns how many."""
         with self.write() as conn:
-            _job_row(conn, job_id)
+            if not _lock_jobs(conn, [job_id]):
+                raise job_not_found(job_id)
             conn.execute(jobs.update().where(jobs.c.id == job_id).values(cancelled_at=None))
-            return _move(conn, FAILED, QUEUED, requests.c.job_id == job_id,
-                         error=None, worker_id=None, response=None, finish_reason=None,
-                         started_at=None, first_token_at=None, finished_at=None)
+            return len(_move(conn, FAILED, QUEUED, requests.c.job_id == job_id,
+                             jobs_locked=True, error=None, worker_id=None, response=None,
+                             finish_reason=None, started_at=None, first_token_at=None,
+                             finished_at=None, lost=0))
 
     # -- reading -----------------------------------------------------------------
 
@@ -443,14 +581,10 @@ class Store(Reads):
             yield from rows
             last = rows[-1].seq
 
+    @_retrying
     def has_runnable(self, model: str | None = None, now: float | None = None) -> bool:
         """Whether any queued request could start now (of ``model``'s jobs)."""
-        now = now or time.time()
-        query = select(jobs.c.id).where(
-            _queued_count() > 0,
-            jobs.c.cancelled_at.is_(None),
-            or_(jobs.c.not_before.is_(None), jobs.c.not_before <= now),
-        ).limit(1)
+        query = _runnable_jobs(now or time.time()).limit(1)
         if model is not None:
             query = query.where(jobs.c.model == model)
         with self.read() as conn:
@@ -458,9 +592,10 @@ class Store(Reads):
 
     # -- workers -----------------------------------------------------------------
 
+    @_retrying
     def register_worker(self, worker_id: str, host: str, pid: int, serves: str | None) -> None:
-        now = time.time()
         with self.write() as conn:
+            now = literal_column(db_now_sql(conn.dialect.name))
             conn.execute(
                 workers.insert().values(
                     id=worker_id, host=host, pid=pid, serves=serves, state="loading",
@@ -468,12 +603,15 @@ class Store(Reads):
                 )
             )
 
+    @_retrying
     def update_worker(self, worker_id: str, **values) -> None:
-        """Record a worker's heartbeat and whatever else it reports."""
-        values.setdefault("heartbeat_at", time.time())
+        """Record a worker's heartbeat (on the database's clock, which every host
+        shares) and whatever else it reports."""
         with self.write() as conn:
+            values.setdefault("heartbeat_at", literal_column(db_now_sql(conn.dialect.name)))
             conn.execute(workers.update().where(workers.c.id == worker_id).values(**values))
 
+    @_retrying
     def record_switch(self, worker_id: str, from_model: str | None, to_model: str,
                       unload_seconds: float, load_seconds: float, warmup_seconds: float) -> None:
         with self.write() as conn:
@@ -580,22 +718,78 @@ def _counts_moved(deltas: dict[str, int]) -> dict:
     return {count_column(s): jobs.c[count_column(s)] + n for s, n in deltas.items() if n}
 
 
-def _move(conn: Connection, frm: str, to: str, *where, **values) -> int:
+def _lock_jobs(conn: Connection, job_ids: Iterable[str]) -> list:
+    """Lock these jobs' rows (PostgreSQL), in id order; returns the rows found.
+
+    Every transaction that changes requests locks their jobs first, in one order, so
+    two transactions never wait for each other's locks in a circle (a claim and a
+    cancel did: request rows then job row, against job row then request rows). On
+    SQLite the transaction holds the whole database already.
+    """
+    ids = sorted(set(job_ids))
+    if not ids:
+        return []
+    query = select(jobs).where(jobs.c.id.in_(ids)).order_by(jobs.c.id)
+    if conn.dialect.name != "sqlite":
+        query = query.with_for_update()
+    return conn.execute(query).all()
+
+
+def _runnable_jobs(now: float):
+    """The ids of jobs whose queued requests may start at ``now``."""
+    return select(jobs.c.id).where(
+        _queued_count() > 0,
+        jobs.c.cancelled_at.is_(None),
+        or_(jobs.c.not_before.is_(None), jobs.c.not_before <= now),
+    )
+
+
+_CLAIM_COLUMNS = (requests.c.id, requests.c.seq, requests.c.kind, requests.c.body,
+                  requests.c.params, requests.c.lost)
+
+
+def _claimed(rows, job_rows: dict) -> list[Claimed]:
+    """Claimed requests from moved rows (``_CLAIM_COLUMNS`` + job_id), in input order."""
+    settings_of = {}
+    for job_id, job in job_rows.items():
+        defaults = json.loads(job.defaults)
+        system = defaults.pop("system", None)
+        defaults.pop("raw", None)
+        settings_of[job_id] = (defaults, system)
+    out = []
+    for r in sorted(rows, key=lambda r: (r.job_id, r.seq)):
+        defaults, system = settings_of[r.job_id]
+        params = dict(defaults)
+        if r.params:
+            params.update(json.loads(r.params))
+        out.append(Claimed(r.id, r.job_id, r.seq, r.kind, orjson.loads(r.body), params, system,
+                           r.lost))
+    return out
+
+
+def _move(conn: Connection, frm: str, to: str, *where, jobs_locked: bool = False,
+          returning=(), **values) -> list:
     """Move the requests in status ``frm`` that match ``where`` to status ``to`` (setting
     ``values``), and their jobs' per-status counts with them, in the caller's
-    transaction. Returns how many moved.
+    transaction. Returns the moved rows: their job_id and the ``returning`` columns.
 
-    RETURNING names exactly the rows this statement changed, so the counts stay right
-    whatever another transaction did in between (PostgreSQL's READ COMMITTED included).
+    Their jobs are locked first (``_lock_jobs``) unless the caller did. RETURNING names
+    exactly the rows this statement changed, so the counts stay right, and a claim
+    hands out only what it took, whatever another transaction did in between
+    (PostgreSQL's READ COMMITTED included).
     """
+    match = (requests.c.status == frm, *where)
+    if not jobs_locked and conn.dialect.name != "sqlite":
+        _lock_jobs(conn, conn.execute(select(requests.c.job_id).where(*match).distinct())
+                   .scalars())
     moved = conn.execute(
-        requests.update().where(requests.c.status == frm, *where)
-        .values(status=to, **values).returning(requests.c.job_id)
-    ).scalars().all()
-    for job_id, n in Counter(moved).items():
+        requests.update().where(*match)
+        .values(status=to, **values).returning(requests.c.job_id, *returning)
+    ).all()
+    for job_id, n in sorted(Counter(r.job_id for r in moved).items()):
         conn.execute(jobs.update().where(jobs.c.id == job_id)
                      .values(**_counts_moved({frm: -n, to: n})))
-    return len(moved)
+    return moved
 
 
 def _add_to_job_totals(conn: Connection, job_id: str, results: list[Result], peak) -> None:
@@ -631,6 +825,6 @@ def _add_to_job_totals(conn: Connection, job_id: str, results: list[Result], pea
 
 
 __all__ = [
-    "Store", "Chunk", "Claimed", "Result", "JobSummary", "worker_identity",
+    "Store", "Chunk", "Claimed", "Result", "Recovered", "JobSummary", "worker_identity",
     "QUEUED", "RUNNING", "DONE", "FAILED", "CANCELLED", "TERMINAL",
 ]

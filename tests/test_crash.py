@@ -251,12 +251,13 @@ def test_a_worker_restarted_with_the_same_pid_takes_back_what_it_held(workload, 
     """In a container the worker is often process 1 every time: a previous life with
     our pid and a fresh heartbeat is not alive, it is us."""
     import os
-    import socket
+
+    from jobs.hosts import host_id
 
     prompts, _ = workload
     store = Store()
     job = submit(prompts, "--model", "tiny")
-    store.register_worker("previous-life", socket.gethostname(), os.getpid(), None)
+    store.register_worker("previous-life", host_id(), os.getpid(), None)
     held = store.claim(store.chunks(job)[0], "previous-life", 3)
-    assert store.recover("this-life") == len(held) == 3
+    assert store.recover("this-life").requeued == len(held) == 3
     assert store.job(job).counts == {QUEUED: store.job(job).total}

@@ -38,7 +38,8 @@ def test_counts_follow_every_move(store):
     seen: set[str] = set()
     for step in range(300):
         [op] = rng.choices(["claim", "finish", "release", "recover", "drop", "retry",
-                            "cancel", "fail_model"], weights=[4, 4, 1, 1, 1, 1, 0.2, 0.2])
+                            "cancel", "fail_model", "claim_lost"],
+                           weights=[4, 4, 1, 1, 1, 1, 0.2, 0.2, 1])
         worker = rng.choice(list(held))
         if op == "claim":
             job_id = rng.choice(job_ids)
@@ -51,6 +52,8 @@ def test_counts_follow_every_move(store):
                                  response="x", prompt_tokens=4, completion_tokens=2,
                                  error="boom" if rng.random() < 0.3 else None)
                           for c in batch], worker)
+        elif op == "claim_lost":
+            held[worker] += store.claim_lost(worker, rng.choice(["a", "b"]), 3)
         elif op == "release" and held[worker]:
             store.release([c.id for c in held[worker]], worker)
             held[worker] = []

@@ -12,7 +12,7 @@ import pytest
 from jobs import migrations as migrations_module
 from jobs import settings
 from jobs.errors import InputError, NotFound
-from jobs.store import Chunk, Result, Store
+from jobs.store import Chunk, Recovered, Result, Store
 from jobs.submit import JobOptions, parse_at, submit
 
 
@@ -109,7 +109,7 @@ def test_release_and_recover_put_work_back(home):
     claimed = store.claim(store.chunks(job_id)[0], "gone-worker", 2)
     assert store.release([claimed[0].id], "gone-worker") == 1
     # "gone-worker" never registered a heartbeat: it is taken as dead.
-    assert store.recover("me") == 1
+    assert store.recover("me").requeued == 1
     assert store.job(job_id).counts == {"queued": 2}
 
 
@@ -163,3 +163,145 @@ def test_migrations_are_recorded_once(home):
     with store.read() as conn:
         names = conn.execute(select(migrations.c.name)).scalars().all()
     assert names == migrations_module.names()
+
+
+def test_concurrent_claims_hand_out_each_request_once(store):
+    """Eight workers claim from the same chunks at once while the job is cancelled and
+    retried: no request is handed to two, none is lost, and no transaction deadlocks
+    (on PostgreSQL a claim and a cancel used to lock rows in opposite orders)."""
+    import threading
+
+    job_id, n = make_job(store, 600)
+    got: dict[str, list[int]] = {f"w{i}": [] for i in range(8)}
+    errors: list[BaseException] = []
+
+    def work(worker):
+        try:
+            while True:
+                claimed = [c for ch in store.chunks(job_id)
+                           for c in store.claim(ch, worker, 7)]
+                if not claimed and not store.job(job_id).counts.get("queued"):
+                    return
+                got[worker] += [c.id for c in claimed]
+                now = time.time()
+                store.finish([Result(c.id, job_id, now, now, response="x") for c in claimed],
+                             worker)
+        except BaseException as exc:  # reported below, with the thread's traceback
+            errors.append(exc)
+            raise
+
+    def meddle():
+        try:
+            for _ in range(5):
+                store.cancel(job_id)
+                store.retry(job_id)  # failed only: cancelled ones stay cancelled
+                time.sleep(0.01)
+        except BaseException as exc:
+            errors.append(exc)
+            raise
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in got]
+    threads.append(threading.Thread(target=meddle))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    handed = [i for ids in got.values() for i in ids]
+    assert len(handed) == len(set(handed))  # never the same request to two workers
+    rows = list(store.iter_requests(job_id))
+    done = {r.id for r in rows if r.status == "done"}
+    assert done == set(handed)
+    assert {r.status for r in rows} <= {"done", "cancelled"}
+    assert store.job(job_id).counts.get("done", 0) == len(done)
+
+
+def test_a_request_lost_with_its_worker_three_times_is_failed_with_the_reason(store):
+    """The "dead-N" workers never registered a heartbeat: each is taken as gone."""
+    job_id, _ = make_job(store, 20)
+    batch = store.claim(store.chunks(job_id)[0], "dead-1", 20)
+    assert store.recover("me", max_attempts=3).requeued == 20
+    # Lost once: no longer claimed with healthy work, but apart, in small groups.
+    assert store.claim(store.chunks(job_id)[0], "w", 20) == []
+    assert store.has_lost("m")
+    group = store.claim_lost("dead-2", "m", group=8)
+    assert len(group) == 8 and {c.lost for c in group} == {1}
+    assert store.recover("me", max_attempts=3).requeued == 8
+    # Lost twice: alone, the most-lost first.
+    alone = store.claim_lost("dead-3", "m", group=8)
+    assert len(alone) == 1 and alone[0].lost == 2 and alone[0].id == group[0].id
+    assert store.recover("me", max_attempts=3) == Recovered(requeued=0, failed=1)
+    failed = next(r for r in store.iter_requests(job_id) if r.id == alone[0].id)
+    assert failed.status == "failed" and failed.lost == 3
+    assert failed.error.startswith("the worker died 3 times while running it")
+    # The rest still run (the lost-twice ones alone, then the lost-once in groups).
+    left = []
+    while claimed := store.claim_lost("w", "m", group=8):
+        left += claimed
+        now = time.time()
+        store.finish([Result(c.id, job_id, now, now, response="x") for c in claimed], "w")
+    assert len(left) == 19 and not store.has_lost("m")
+    assert store.job(job_id).counts == {"done": 19, "failed": 1}
+    assert len(batch) == 20
+    # retry forgives the losses: it runs with healthy work again.
+    assert store.retry(job_id) == 1
+    assert [c.lost for c in store.claim(store.chunks(job_id)[0], "w", 5)] == [0]
+
+
+def test_fail_model_spares_jobs_held_for_later(store):
+    now_job, _ = make_job(store, 2, model="broken")
+    later, _ = make_job(store, 2, model="broken", not_before=time.time() + 3600)
+    other, _ = make_job(store, 2, model="fine")
+    assert store.fail_model("broken", "cannot load") == 2
+    assert store.job(now_job).counts == {"failed": 2}
+    assert store.job(later).counts == {"queued": 2}
+    assert store.job(other).counts == {"queued": 2}
+
+
+def test_a_locked_database_is_retried_not_fatal(home, monkeypatch, caplog):
+    """SQLite: a writer that holds the lock past busy_timeout makes the next write fail
+    with "database is locked"; the store retries it instead of failing the worker."""
+    import sqlite3
+    import threading
+
+    from jobs import store as store_module
+
+    monkeypatch.setattr(store_module, "SQLITE_PRAGMAS", tuple(
+        "busy_timeout=100" if p.startswith("busy_timeout") else p
+        for p in store_module.SQLITE_PRAGMAS))
+    store = Store()
+    job_id, _ = make_job(store, 3)
+    holder = sqlite3.connect(home / "nightshift.db", isolation_level=None,
+                             check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(1.0, holder.rollback)
+    release.start()
+    with caplog.at_level("WARNING", logger="nightshift.store"):
+        assert store.cancel(job_id) == 3
+    release.join()
+    assert any("locked" in r.getMessage() and "retrying" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_heartbeats_are_judged_on_the_database_clock(store, monkeypatch):
+    """A worker host whose clock runs an hour behind still looks alive, and one whose
+    heartbeat the database saw long ago is dead, whatever this host's clock says."""
+    from sqlalchemy import update
+
+    from jobs.hosts import host_id
+    from jobs.schema import workers
+
+    job_id, _ = make_job(store, 4)
+    store.register_worker("far-host:1:1", "elsewhere-123456789abc", 1, None)
+    store.claim(store.chunks(job_id)[0], "far-host:1:1", 2)
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() - 3600)  # our clock is off
+    store.update_worker("far-host:1:1", state="running")
+    assert store.recover("me").requeued == 0
+    assert [w.id for w in store.live_workers()] == ["far-host:1:1"]
+    monkeypatch.setattr(time, "time", real_time)
+    with store.write() as conn:  # the database last heard from it a minute ago
+        conn.execute(update(workers).values(heartbeat_at=workers.c.heartbeat_at - 60))
+    assert store.recover("me").requeued == 2
+    assert store.live_workers() == []
+    assert host_id().count("-") >= 1

@@ -17,6 +17,7 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, make_stop_sequences
 from mlx_lm.sample_utils import apply_top_p
 
+from jobs import settings
 from jobs.store import Claimed, Result
 from worker.prefix import PrefixCache
 
@@ -87,12 +88,18 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer, *, batch_size: int, context_length: int | None = None,
+                 planned_tokens: int | None = None,
                  prefill_batch_size: int | None = None, prefill_step_size: int | None = None,
                  prefix_cache: PrefixCache | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.context_length = context_length
+        # Prompt + completion tokens a sequence may hold within the memory the worker
+        # planned for (worker/memory.py); a request that asks for more fails alone at
+        # admission instead of growing the KV cache past the plan (an out-of-memory
+        # kill takes the whole batch down, again at every restart).
+        self.planned_tokens = planned_tokens
         self.prefixes = prefix_cache
         self.eos = set(tokenizer.eos_token_ids)
         # A freed slot is refilled at once, and a long prefill never stalls the decode
@@ -109,6 +116,9 @@ class Engine:
         # Requests that were in a batch when a step raised: rerun one at a time, so
         # the one that breaks fails alone and the others complete.
         self.suspects: list[Claimed] = []
+        # Live requests were admitted apart (lost with a dead worker): nothing joins
+        # them until they finish, so if one kills the process it takes no others.
+        self.isolated = False
         self.steps = 0
         self.occupied = 0  # sum over decode steps of live sequences
         self.prompt_tokens_computed = 0  # prefilled here (shared prefixes count once)
@@ -118,7 +128,7 @@ class Engine:
         return bool(self.live)
 
     def free_slots(self) -> int:
-        if self.suspects:
+        if self.suspects or (self.isolated and self.live):
             return 0
         return self.batch_size - len(self.live)
 
@@ -141,8 +151,12 @@ class Engine:
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return tok.encode(text, add_special_tokens=False)
 
-    def add(self, batch: list[Claimed]) -> list[Result]:
-        """Put requests into the generator; returns results of those that cannot run."""
+    def add(self, batch: list[Claimed], *, isolated: bool = False) -> list[Result]:
+        """Put requests into the generator; returns results of those that cannot run.
+
+        ``isolated``: run these apart; no other request is admitted until they finish.
+        """
+        self.isolated = isolated
         failed, ready = [], []
         now = time.time()
         for c in batch:
@@ -186,7 +200,7 @@ class Engine:
         return [self.prefixes.lookup(t) for t in prompts]
 
     def _budget(self, c: Claimed, prompt_len: int) -> int:
-        budget = int(c.params.get("max_tokens") or 256)
+        budget = int(c.params.get("max_tokens") or settings.DEFAULT_MAX_TOKENS)
         if self.context_length:
             room = self.context_length - prompt_len
             if room <= 0:
@@ -195,6 +209,13 @@ class Engine:
                     f"{self.context_length}: shorten it"
                 )
             budget = min(budget, room)
+        if self.planned_tokens and prompt_len + budget > self.planned_tokens:
+            raise RequestError(
+                f"the prompt ({prompt_len} tokens) plus max_tokens ({budget}) is more than "
+                f"the {self.planned_tokens} tokens a sequence may hold in the memory this "
+                "worker planned for: lower max_tokens, or start the worker with a larger "
+                "--max-context"
+            )
         return budget
 
     # -- results out -----------------------------------------------------------------
@@ -255,7 +276,7 @@ class Engine:
         now = time.time()
         uids = list(self.live)
         self.generator.remove(uids)
-        if len(uids) == 1 and not self.suspects:
+        if len(uids) == 1:  # alone in the step (a suspect rerun alone, say): its own fault
             live = self.live.pop(uids[0])
             log.warning("request %s failed: %r", live.claimed.id, exc)
             c = live.claimed

@@ -46,6 +46,7 @@ class LoadedModel:
     estimate: memory.MemoryEstimate | None  # None for a repo id (no local files to read)
     load_seconds: float
     warmup_seconds: float = 0.0
+    planned_tokens: int | None = None  # prompt + completion a sequence may hold (memory)
 
     def describe(self) -> str:
         return (
@@ -117,7 +118,7 @@ def load(name: str, options: LoadOptions | None = None) -> LoadedModel:
                          f"{_one_line(exc)}") from exc
     load_seconds = time.perf_counter() - start
     return LoadedModel(name, path, model, tokenizer, config, context, plan, estimate,
-                       load_seconds)
+                       load_seconds, planned_tokens=plan_context)
 
 
 def warm_up(loaded: LoadedModel) -> float:

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from huey.consumer import Consumer, ConsumerStopped
 
 from jobs import settings
-from jobs.errors import NightshiftError
-from jobs.store import Chunk, Result, Store, worker_identity
+from jobs.errors import NightshiftError, ResourceError
+from jobs.store import Chunk, Recovered, Result, Store, worker_identity
 from worker import loader
 from worker.engine import Engine
 from worker.prefix import PrefixCache
@@ -42,6 +42,9 @@ SWEEP_SECONDS = 1.0  # how often an idle worker looks in the database for lost w
 RECOVER_SECONDS = 10.0
 CANCEL_POLL_SECONDS = 1.0
 IDLE_WAIT_SECONDS = 0.2
+# A model that failed to load is not tried again for this long (a memory shortage
+# may pass; a broken folder may be mended), so the worker serves the others meanwhile.
+UNAVAILABLE_SECONDS = 60.0
 
 
 @dataclass
@@ -50,6 +53,8 @@ class WorkerOptions:
     drain: bool = False  # exit when no runnable work is left
     grace_seconds: float = 30.0  # SIGINT: finish in-flight requests for this long
     prefix_cache: bool = True  # prefill shared prompt prefixes once
+    # A request whose worker died this many times while running it is failed.
+    max_attempts: int = settings.DEFAULT_MAX_ATTEMPTS
     load: loader.LoadOptions | None = None
 
 
@@ -118,6 +123,10 @@ class Worker:
         # inside MLX, so the process must end without interpreter teardown.
         self.abandoned_loading = False
         self._consumer: Consumer | None = None
+        # Models that failed to load, and when to try each again (monotonic seconds).
+        self.unavailable: dict[str, float] = {}
+        # Requests lost with a dead worker wait for this model: run them apart first.
+        self._lost_waiting = False
 
     # -- main thread ---------------------------------------------------------------
 
@@ -147,15 +156,24 @@ class Worker:
         if self.error is not None:
             self._stopped()
             raise self.error
-        recovered = self.store.recover(self.id)
+        recovered = self._recover()
         queued = self.queue.enqueue(self._runnable())
         log.info("worker %s ready: %s; put back %d requests left running by stopped "
                  "workers; %d queue tasks for waiting work", self.id,
-                 self.loaded.describe() if self.loaded else "no model", recovered, queued)
+                 self.loaded.describe() if self.loaded else "no model", recovered.requeued,
+                 queued)
         self._consume()
         while engine_thread.is_alive():  # a second SIGINT still stops it at once
             engine_thread.join(0.1)
             self._act_on_signals()
+            if self.engine is None and self.state == "loading":
+                # Switching models: nothing is held, and a big model's load can take
+                # minutes; the stop should not wait for it.
+                self.abandoned_loading = True
+                self._stopped()
+                log.info("stopped while switching models: put back 0 unfinished requests "
+                         "(none were held)")
+                return 0
         self._act_on_signals()
         self._stopped()
         if self.put_back or self.signalled:
@@ -269,7 +287,12 @@ class Worker:
 
     def _serve(self) -> None:
         try:
-            self._switch_to(self.options.serves or self._first_model())
+            if self.options.serves:
+                # Pinned to one model: if it cannot load there is nothing to serve,
+                # and the user hears so at once, with the queue untouched.
+                self._switch_to(self.options.serves)
+            else:
+                self._try_switch(self._first_model())
         except Exception as exc:
             self.error = exc
             _end_mlx_thread()
@@ -300,47 +323,64 @@ class Worker:
         last_recover = time.monotonic()  # run() recovered just before
         while not self.stopping.is_set():
             now = time.monotonic()
-            if now - last_cancel_poll > CANCEL_POLL_SECONDS and self.engine.busy:
+            engine = self.engine
+            if engine is not None and engine.busy and now - last_cancel_poll > CANCEL_POLL_SECONDS:
                 self._drop_cancelled()
                 last_cancel_poll = now
             if now - last_recover > RECOVER_SECONDS:
                 # Workers can die after this one started; the sweep below then
                 # finds their requests queued again.
-                recovered = self.store.recover(self.id)
-                if recovered:
-                    log.info("put back %d requests left running by a worker that stopped",
-                             recovered)
+                self._recover()
+                self._release_orphans()
                 last_recover = now
-            self._fill()
-            if self.engine.busy or self.engine.suspects:
-                self.state = "running"
-                self._store(self.engine.step())
-                continue
+            if engine is not None:
+                self._fill()
+                if engine.busy or engine.suspects:
+                    self.state = "running"
+                    self._store(engine.step())
+                    continue
             self.state = "idle"
             if now - last_sweep > SWEEP_SECONDS:
                 # Lost queue tasks, and work for other models, are found here.
                 for chunk in self._runnable():
                     with self._lock:
                         self._register(chunk)
+                if self.loaded is not None and not self._lost_waiting:
+                    self._lost_waiting = self.store.has_lost(self.loaded.name)
                 last_sweep = now
-                if self.options.drain and not self.chunks and not self._has_work():
-                    log.info("no runnable work left (--drain): stopping")
+                if self.options.drain and not self._has_work():
+                    self._drain_done()
                     return
             if self._next_model_switch():
                 continue
             with self._lock:
-                if not self._chunks_for(self.loaded.name):
+                if not self._chunks_for(self._model_name()):
                     self._lock.wait(IDLE_WAIT_SECONDS)
         # Stopping. SIGINT: let in-flight requests finish for a while.
         deadline = time.monotonic() + self.options.grace_seconds
-        while self.engine.busy and not self.put_back_now.is_set():
+        while self.engine is not None and self.engine.busy and not self.put_back_now.is_set():
             if time.monotonic() > deadline:
                 log.info("grace period over")
                 break
             self._store(self.engine.step())
 
     def _fill(self) -> None:
-        """Claim queued requests into free batch slots, highest priority first."""
+        """Claim queued requests into free batch slots, highest priority first.
+
+        Requests lost with a dead worker go first, apart: the batch drains, then they
+        run alone or in small groups (``Store.claim_lost``), then healthy work resumes.
+        """
+        if self._lost_waiting:
+            if self.engine.busy or self.engine.suspects:
+                return
+            group = max(1, self.engine.batch_size // 8)
+            lost = self.store.claim_lost(self.id, self.loaded.name, group)
+            if lost:
+                log.info("running %d requests apart: a worker died while running them "
+                         "(%d times so far)", len(lost), lost[0].lost)
+                self._store(self.engine.add(lost, isolated=True))
+                return
+            self._lost_waiting = False
         while (room := self.engine.free_slots()) > 0:
             with self._lock:
                 mine = self._chunks_for(self.loaded.name)
@@ -362,8 +402,33 @@ class Worker:
 
         self.mlx_peak = mx.get_peak_memory()
 
-    def _chunks_for(self, model: str) -> list:
+    def _chunks_for(self, model: str | None) -> list:
+        if model is None:
+            return []
         return [e for e in self.chunks if not e[2].model or e[2].model == model]
+
+    def _model_name(self) -> str | None:
+        return self.loaded.name if self.loaded else None
+
+    def _recover(self) -> Recovered:
+        """Take back requests of workers that died; note lost ones waiting for our model."""
+        recovered = self.store.recover(self.id, self.options.max_attempts)
+        if recovered.requeued or recovered.failed:
+            log.info("took back %d requests left running by workers that stopped; failed "
+                     "%d that their workers died %d times running", recovered.requeued,
+                     recovered.failed, self.options.max_attempts)
+        if self.loaded is not None:
+            self._lost_waiting = self.store.has_lost(self.loaded.name)
+        return recovered
+
+    def _release_orphans(self) -> None:
+        """Put back requests the database says this worker holds but the engine does not
+        (a claim whose commit succeeded after its connection failed, then retried)."""
+        held = {c.id for c in self.engine.held()} if self.engine is not None else set()
+        orphans = self.store.held_by(self.id) - held
+        if orphans:
+            log.warning("put back %d requests claimed but not running here", len(orphans))
+            self.store.release(sorted(orphans), self.id)
 
     def _store(self, results: list[Result]) -> None:
         if results:
@@ -381,12 +446,33 @@ class Worker:
                      len(removed), ", ".join(sorted(cancelled)))
 
     def _runnable(self) -> list[Chunk]:
+        """Chunks that may start now, of models this worker serves and can load."""
+        now, clock = time.time(), time.monotonic()
+        self.unavailable = {m: t for m, t in self.unavailable.items() if t > clock}
         return [c for c in self.store.runnable_chunks(self.options.serves)
-                if not c.not_before or c.not_before <= time.time()]
+                if (not c.not_before or c.not_before <= now)
+                and c.model not in self.unavailable]
 
     def _has_work(self) -> bool:
-        return self.engine.busy or bool(self.engine.suspects) or self.store.has_runnable(
-            self.options.serves)
+        engine = self.engine
+        if engine is not None and (engine.busy or engine.suspects):
+            return True
+        with self._lock:
+            if any(c.model not in self.unavailable for _, _, c in self.chunks):
+                return True
+        return bool(self._runnable())
+
+    def _drain_done(self) -> None:
+        """--drain found nothing left it can run: say what stays queued, and why."""
+        waiting = {m: n for m, n in self.store.models_waiting().items()
+                   if m in self.unavailable}
+        if waiting and self.error is None:
+            left = ", ".join(f"{n} of {m}" for m, n in sorted(waiting.items()))
+            self.error = ResourceError(f"--drain: left {left} requests queued: their model "
+                                       "could not be loaded for now (see the log above)")
+            log.error("%s", self.error)
+        else:
+            log.info("no runnable work left (--drain): stopping")
 
     def _first_model(self) -> str:
         waiting = self._runnable()
@@ -396,11 +482,13 @@ class Worker:
         """Idle with nothing for the loaded model: switch to the next job's model."""
         if self.options.serves is not None:
             return False
+        current = self._model_name()
         with self._lock:
-            if self._chunks_for(self.loaded.name) or not self.chunks:
+            candidates = [e for e in self.chunks if e[2].model not in self.unavailable]
+            if self._chunks_for(current) or not candidates:
                 return False
-            target = self.chunks[0][2].model
-        if self.store.has_runnable(self.loaded.name):
+            target = candidates[0][2].model
+        if current is not None and self.store.has_runnable(current):
             # Work for the loaded model whose queue task has not arrived yet: a
             # switch away and back would cost two loads (minutes for a large model).
             for chunk in self._runnable():
@@ -411,16 +499,35 @@ class Worker:
             with self._lock:  # stale: that work was cancelled or done meanwhile
                 self.chunks = [e for e in self.chunks if e[2].model != target]
             return True
+        self._try_switch(target)
+        return True
+
+    def _try_switch(self, target: str) -> bool:
+        """Switch to ``target``; if it cannot load, cost only its own requests.
+
+        A memory shortage may pass: nothing is failed, and the model is tried again
+        after UNAVAILABLE_SECONDS. Any other reason (a missing or damaged model) fails
+        the requests of its jobs that could run now; jobs held for later are untouched.
+        Either way the worker goes on serving the other models.
+        """
         try:
             self._switch_to(target)
+            return True
         except NightshiftError as exc:
-            log.error("cannot serve model %s: %s", target, exc)
-            n = self.store.fail_model(target, f"the worker could not load model {target}: {exc}")
-            log.error("marked %d queued requests for %s failed (retry them once it loads)",
-                      n, target)
+            self.state = "idle"
+            self.unavailable[target] = time.monotonic() + UNAVAILABLE_SECONDS
             with self._lock:
                 self.chunks = [e for e in self.chunks if e[2].model != target]
-        return True
+            if isinstance(exc, ResourceError):
+                log.error("cannot load model %s now: %s; its requests stay queued, tried "
+                          "again in %.0f s", target, exc, UNAVAILABLE_SECONDS)
+            else:
+                log.error("cannot serve model %s: %s", target, exc)
+                n = self.store.fail_model(
+                    target, f"the worker could not load model {target}: {exc}")
+                log.error("marked %d queued requests for %s failed (nightshift retry JOB "
+                          "once it loads)", n, target)
+            return False
 
     def _switch_to(self, name: str) -> None:
         previous = self.loaded.name if self.loaded else None
@@ -438,7 +545,9 @@ class Worker:
         self.loaded = loaded
         prefixes = PrefixCache(loaded.model) if self.options.prefix_cache else None
         self.engine = Engine(loaded.model, loaded.tokenizer, batch_size=loaded.plan.batch_size,
-                             context_length=loaded.context_length, prefix_cache=prefixes)
+                             context_length=loaded.context_length,
+                             planned_tokens=loaded.planned_tokens, prefix_cache=prefixes)
+        self._lost_waiting = self.store.has_lost(name)
         self.store.update_worker(
             self.id, model=name, state="idle", compute=loaded.plan.describe(),
             memory=loaded.estimate.describe() if loaded.estimate else None,
