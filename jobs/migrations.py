@@ -25,6 +25,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from sqlalchemy import Connection
 
+# The PostgreSQL advisory lock that migrating transactions take: processes opening a
+# new database at once would otherwise all create the tables, and all but one fail.
+MIGRATION_LOCK = int.from_bytes(b"nightsft", "big")
+
 
 def m001_initial(conn: Connection) -> None:
     """The tables of the first release, as commit 6426b12's jobs/schema.py declared them
@@ -177,11 +181,20 @@ def names() -> list[str]:
 
 
 def apply(conn: Connection) -> list[str]:
-    """Apply the migrations this database has not seen; returns their names."""
+    """Apply the migrations this database has not seen, in the caller's transaction;
+    returns their names.
+
+    On PostgreSQL the transaction takes MIGRATION_LOCK first, so concurrent opens take
+    turns and each sees, after the lock, what those before it committed (READ
+    COMMITTED: a statement sees what committed before it began). On SQLite the write
+    transaction (BEGIN IMMEDIATE, jobs/store.py) serialises them already.
+    """
     from sqlalchemy import select
 
     from jobs import schema
 
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
     schema.migrations.create(conn, checkfirst=True)
     done = set(conn.execute(select(schema.migrations.c.name)).scalars())
     applied = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -335,3 +336,32 @@ def test_each_migration_makes_what_it_made_when_it_shipped(backend, tmp_path, up
                 migration(conn)
         engine.dispose()
         assert shape(migrated) == shape(expected)
+
+
+def test_concurrent_first_opens_all_succeed_and_migrate_once(url):
+    """Processes starting together on a new database (a worker and a submit, say) each
+    open a Store: one migrates, the others wait for it and find the work done."""
+    n = 8
+    start = threading.Barrier(n)
+    errors: list[BaseException] = []
+
+    def open_store() -> None:
+        try:
+            start.wait()
+            Store(url).close()
+        except BaseException as e:  # reported below, with the others
+            errors.append(e)
+
+    threads = [threading.Thread(target=open_store) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    store = Store(url)
+    try:
+        with store.read() as conn:
+            recorded = conn.execute(sa.text("SELECT name FROM nightshift_migrations"))
+            assert sorted(recorded.scalars()) == sorted(migrations.names())
+    finally:
+        store.close()
