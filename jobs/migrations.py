@@ -2,9 +2,15 @@
 
 Add a function ``mNNN_what(conn)`` at the end of MIGRATIONS; never edit one that has
 shipped. Each runs in the same transaction as its record, so a crash applies it
-whole or not at all (on SQLite and PostgreSQL DDL is transactional). m001 creates
-the tables as jobs/schema.py declares them now, so a later migration finds on a new
-database what it adds already there, and must check.
+whole or not at all (on SQLite and PostgreSQL DDL is transactional).
+
+A migration is frozen as written: it spells out what it creates, never through
+jobs/schema.py, which declares today's schema (for the queries) and changes with it.
+Before m003, m001 ran ``create_all`` on jobs/schema.py, so a database got the tables of
+the release that created it and nothing added later without a migration: m003 adds
+that, checking first, as a database created since has it already.
+tests/test_migrations.py opens a database of each earlier release and checks that it
+reaches jobs/schema.py with its rows.
 
 SQLAlchemy is imported inside the functions: `status` asks which migrations exist
 (``names``) without paying for it.
@@ -19,52 +25,162 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from sqlalchemy import Connection
 
+# The PostgreSQL advisory lock that migrating transactions take: processes opening a
+# new database at once would otherwise all create the tables, and all but one fail.
+MIGRATION_LOCK = int.from_bytes(b"nightsft", "big")
+
 
 def m001_initial(conn: Connection) -> None:
-    from jobs import schema
+    """The tables of the first release, as commit 6426b12's jobs/schema.py declared them
+    (less the Python-side defaults and comments, which make no DDL)."""
+    from sqlalchemy import (
+        BigInteger,
+        Column,
+        Float,
+        ForeignKey,
+        Index,
+        Integer,
+        MetaData,
+        String,
+        Table,
+        Text,
+    )
 
-    tables = [schema.jobs, schema.requests, schema.workers, schema.model_switches]
-    schema.metadata.create_all(conn, tables=tables)
+    metadata = MetaData()
+    Table(
+        "jobs",
+        metadata,
+        Column("id", String(32), primary_key=True),
+        Column("name", Text),
+        Column("model", Text, nullable=False),
+        Column("source", Text),
+        Column("priority", Integer, nullable=False),
+        Column("not_before", Float),
+        Column("defaults", Text, nullable=False),
+        Column("total", Integer, nullable=False),
+        Column("created_at", Float, nullable=False),
+        Column("cancelled_at", Float),
+        Column("peak_memory", BigInteger),
+        Column("started_at", Float),
+        Column("finished_at", Float),
+        Column("prompt_tokens", BigInteger, nullable=False),
+        Column("completion_tokens", BigInteger, nullable=False),
+    )
+    requests = Table(
+        "requests",
+        metadata,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("job_id", String(32), ForeignKey("jobs.id"), nullable=False),
+        Column("seq", Integer, nullable=False),
+        Column("line_no", Integer, nullable=False),
+        Column("custom_id", Text),
+        Column("kind", String(16), nullable=False),
+        Column("body", Text, nullable=False),
+        Column("params", Text),
+        Column("metadata", Text),
+        Column("status", String(16), nullable=False),
+        Column("attempts", Integer, nullable=False),
+        Column("worker_id", String(128)),
+        Column("started_at", Float),
+        Column("first_token_at", Float),
+        Column("finished_at", Float),
+        Column("response", Text),
+        Column("finish_reason", String(16)),
+        Column("prompt_tokens", Integer),
+        Column("cached_tokens", Integer),
+        Column("completion_tokens", Integer),
+        Column("prompt_tps", Float),
+        Column("generation_tps", Float),
+        Column("error", Text),
+    )
+    Index("requests_job_seq", requests.c.job_id, requests.c.seq, unique=True)
+    Index("requests_job_status", requests.c.job_id, requests.c.status)
+    Index("requests_status", requests.c.status)
+    Table(
+        "workers",
+        metadata,
+        Column("id", String(128), primary_key=True),
+        Column("host", Text, nullable=False),
+        Column("pid", Integer, nullable=False),
+        Column("serves", Text),
+        Column("model", Text),
+        Column("state", String(16), nullable=False),
+        Column("compute", Text),
+        Column("memory", Text),
+        Column("batch_size", Integer),
+        Column("load_seconds", Float),
+        Column("warmup_seconds", Float),
+        Column("peak_memory", BigInteger),
+        Column("started_at", Float, nullable=False),
+        Column("heartbeat_at", Float, nullable=False),
+        Column("stopped_at", Float),
+    )
+    Table(
+        "model_switches",
+        metadata,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("worker_id", String(128), nullable=False),
+        Column("from_model", Text),
+        Column("to_model", Text, nullable=False),
+        Column("unload_seconds", Float),
+        Column("load_seconds", Float),
+        Column("warmup_seconds", Float),
+        Column("at", Float, nullable=False),
+    )
+    metadata.create_all(conn)
 
 
 def m002_job_counts(conn: Connection) -> None:
     """Per-status request counts and the prompt-rate sum in ``jobs``, and the index of
     done requests' time to first token: `status` of a million-request job without a
     scan."""
-    from sqlalchemy import inspect, text
-    from sqlalchemy.schema import CreateIndex
+    from sqlalchemy import BigInteger, Float
 
-    from jobs import schema
-    from jobs.reads import STATUSES, count_column
-
-    have = {c["name"] for c in inspect(conn).get_columns("jobs")}
-    for column in schema.JOB_COUNTERS:
-        if column.name not in have:
-            kind = column.type.compile(dialect=conn.dialect)
-            conn.execute(text(f"ALTER TABLE jobs ADD COLUMN {column.name} {kind} "
-                              "NOT NULL DEFAULT 0"))
+    statuses = ("queued", "running", "done", "failed", "cancelled")
+    counters = [(f"n_{s}", BigInteger()) for s in statuses] + [
+        ("prompt_tps_sum", Float()), ("prompt_tps_n", BigInteger())]
+    # Databases made while m001 created today's tables have these already.
+    _add_columns(conn, "jobs", [(name, f"{kind.compile(dialect=conn.dialect)} NOT NULL "
+                                 "DEFAULT 0") for name, kind in counters])
     counts = ", ".join(
-        f"{count_column(s)} = (SELECT COUNT(*) FROM requests r "
-        f"WHERE r.job_id = jobs.id AND r.status = '{s}')" for s in STATUSES)
+        f"n_{s} = (SELECT COUNT(*) FROM requests r "
+        f"WHERE r.job_id = jobs.id AND r.status = '{s}')" for s in statuses)
     done = "FROM requests r WHERE r.job_id = jobs.id AND r.status = 'done'"
-    conn.execute(text(f"UPDATE jobs SET {counts}, "
-                      f"prompt_tps_sum = COALESCE((SELECT SUM(r.prompt_tps) {done}), 0), "
-                      f"prompt_tps_n = (SELECT COUNT(r.prompt_tps) {done})"))
-    # Reflection cannot see an expression index, so not `checkfirst`.
-    conn.execute(CreateIndex(schema.done_ttft_index, if_not_exists=True))
+    conn.exec_driver_sql(f"UPDATE jobs SET {counts}, "
+                         f"prompt_tps_sum = COALESCE((SELECT SUM(r.prompt_tps) {done}), 0), "
+                         f"prompt_tps_n = (SELECT COUNT(r.prompt_tps) {done})")
+    # Reflection cannot see an expression index, so IF NOT EXISTS. The condition is
+    # jobs/reads.py's DONE_TTFT_WHERE, word for word, as SQLite needs to use it.
+    conn.exec_driver_sql(
+        "CREATE INDEX IF NOT EXISTS requests_done_ttft ON requests "
+        "(job_id, (first_token_at - started_at)) "
+        "WHERE status = 'done' AND first_token_at IS NOT NULL")
+
+
+def m003_worker_engine_counters(conn: Connection) -> None:
+    """The engine counters in the heartbeat (added to jobs/schema.py by commit 57b23b3
+    without a migration): databases created before it lack them, and every heartbeat
+    of theirs failed."""
+    from sqlalchemy import BigInteger
+
+    kind = BigInteger().compile(dialect=conn.dialect)
+    _add_columns(conn, "workers", [(name, kind) for name in
+                                   ("decode_steps", "sequences_decoded",
+                                    "prompt_tokens_computed")])
 
 
 def m005_request_losses(conn: Connection) -> None:
     """``requests.lost``: how many times a worker died while running a request, so
     the one that kills the worker is run apart and failed after a few deaths."""
-    from sqlalchemy import inspect, text
-
-    if "lost" not in {c["name"] for c in inspect(conn).get_columns("requests")}:
-        conn.execute(text("ALTER TABLE requests ADD COLUMN lost INTEGER NOT NULL DEFAULT 0"))
+    _add_columns(conn, "requests", [("lost", "INTEGER NOT NULL DEFAULT 0")])
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [m001_initial, m002_job_counts,
-                                                   m005_request_losses]
+MIGRATIONS: list[Callable[[Connection], None]] = [
+    m001_initial,
+    m002_job_counts,
+    m003_worker_engine_counters,
+    m005_request_losses,
+]
 
 
 def names() -> list[str]:
@@ -72,11 +188,20 @@ def names() -> list[str]:
 
 
 def apply(conn: Connection) -> list[str]:
-    """Apply the migrations this database has not seen; returns their names."""
+    """Apply the migrations this database has not seen, in the caller's transaction;
+    returns their names.
+
+    On PostgreSQL the transaction takes MIGRATION_LOCK first, so concurrent opens take
+    turns and each sees, after the lock, what those before it committed (READ
+    COMMITTED: a statement sees what committed before it began). On SQLite the write
+    transaction (BEGIN IMMEDIATE, jobs/store.py) serialises them already.
+    """
     from sqlalchemy import select
 
     from jobs import schema
 
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
     schema.migrations.create(conn, checkfirst=True)
     done = set(conn.execute(select(schema.migrations.c.name)).scalars())
     applied = []
@@ -89,3 +214,14 @@ def apply(conn: Connection) -> list[str]:
         )
         applied.append(migration.__name__)
     return applied
+
+
+def _add_columns(conn: Connection, table: str, columns: list[tuple[str, str]]) -> None:
+    """``ALTER TABLE table ADD COLUMN name ddl`` for each (name, ddl) the table lacks.
+    Shipped migrations call it: keep what it does."""
+    from sqlalchemy import inspect
+
+    have = {c["name"] for c in inspect(conn).get_columns(table)}
+    for name, ddl in columns:
+        if name not in have:
+            conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {name} {ddl}")

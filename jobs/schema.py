@@ -1,4 +1,6 @@
-"""The database tables. Changes go through jobs/migrations.py, never silent create_all drift.
+"""The database tables. Changes go through jobs/migrations.py, never silent create_all drift:
+a column or index added here needs a migration that adds it (tests/test_migrations.py
+checks that every earlier database reaches these tables).
 
 Times are float seconds since the epoch (UTC): exact, portable between SQLite and
 PostgreSQL, and what timing arithmetic wants.
