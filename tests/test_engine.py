@@ -115,6 +115,52 @@ def test_a_request_that_breaks_the_batch_fails_alone(tiny):
                                       [claimed(9, PROMPTS[0])])[9].response
 
 
+def test_two_requests_that_always_break_the_batch_each_fail_alone(tiny):
+    """Rerun one at a time, each suspect that breaks its step alone fails, even while
+    another suspect waits; the engine does not put them back forever."""
+    model, tok = tiny
+    poison = tok.encode("zebra")[0]
+
+    class Fragile:
+        def __getattr__(self, name):
+            return getattr(model, name)
+
+        def __call__(self, inputs, cache=None):
+            if (inputs == poison).any().item():
+                raise RuntimeError("poisoned")
+            return model(inputs, cache=cache)
+
+    engine = Engine(Fragile(), tok, batch_size=4)
+    batch = [claimed(1, PROMPTS[0]), claimed(2, "zebra"), claimed(3, "zebra zebra"),
+             claimed(4, PROMPTS[1])]
+    results = run(engine, batch)
+    assert set(results) == {1, 2, 3, 4}
+    assert "poisoned" in results[2].error and "poisoned" in results[3].error
+    assert results[1].error is None and results[4].error is None
+    assert not engine.suspects and engine.free_slots() == 4
+
+
+def test_a_request_longer_than_the_memory_plan_fails_alone(tiny):
+    model, tok = tiny
+    engine = Engine(model, tok, batch_size=2, planned_tokens=64)
+    results = run(engine, [claimed(1, "Hello", max_tokens=200), claimed(2, "Hello")])
+    assert "plus max_tokens (200) is more than the 64 tokens" in results[1].error
+    assert "--max-context" in results[1].error
+    assert results[2].error is None and results[2].response is not None
+
+
+def test_isolated_requests_run_apart(tiny):
+    model, tok = tiny
+    engine = Engine(model, tok, batch_size=4)
+    engine.add([claimed(1, PROMPTS[0])], isolated=True)
+    assert engine.free_slots() == 0  # nothing joins a request lost with a dead worker
+    while engine.busy:
+        engine.step()
+    assert engine.free_slots() == 4
+    engine.add([claimed(2, PROMPTS[1])])
+    assert engine.free_slots() == 3
+
+
 def test_prefix_reuse_gives_identical_greedy_output_with_less_prefill(tiny):
     model, tok = tiny
     system = "The quick brown fox jumps over the lazy dog. " * 8
