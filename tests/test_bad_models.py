@@ -90,17 +90,42 @@ def test_a_model_that_cannot_load_stops_the_worker_and_leaves_the_queue(
     assert not store.live_workers()
 
 
-def test_a_model_removed_after_submit_stops_the_worker(home, tiny_llama_dir, tmp_path):
-    """Without --model the worker serves the waiting job's model; it is gone."""
-    name = install_model(home, tiny_llama_dir, "gone")
+def test_a_broken_model_costs_only_its_own_runnable_requests(home, tiny_llama_dir, tmp_path):
+    """Without --model the worker serves every job's model. The oldest job's model is
+    gone: its requests fail with the reason, a job of that model held for later is
+    untouched, and the worker goes on to serve the other model's job."""
+    gone = install_model(home, tiny_llama_dir, "gone")
+    good = install_model(home, tiny_llama_dir, "good")
     write_prompts(tmp_path / "p.jsonl", 3)
-    submit(tmp_path / "p.jsonl", "--model", name)
-    store = Store()
-    before = _queue_state(store)
-    shutil.rmtree(home / "models" / name)
+    broken_job = submit(tmp_path / "p.jsonl", "--model", gone)
+    later_job = submit(tmp_path / "p.jsonl", "--model", gone, "--at", "2099-01-01T00:00")
+    good_job = submit(tmp_path / "p.jsonl", "--model", good)
+    shutil.rmtree(home / "models" / gone)
     result = run_cli("worker", "--drain", "--batch-size", "4", timeout=300)
-    _assert_clear_failure(result, "gone")
-    assert _queue_state(store) == before
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Traceback" not in output
+    store = Store()
+    assert store.job(broken_job).counts == {FAILED: 3}
+    assert all("could not load model gone" in r.error
+               for r in store.iter_requests(broken_job))
+    assert store.job(later_job).counts == {QUEUED: 3}
+    assert store.job(good_job).counts == {DONE: 3}
+
+
+def test_a_model_that_does_not_fit_is_retried_later_not_failed(home, tiny_llama_dir, tmp_path):
+    """A memory shortage may pass: nothing is failed; --drain says what it left."""
+    name = install_model(home, tiny_llama_dir, "huge")
+    _huge_weights(home / "models" / name)
+    good = install_model(home, tiny_llama_dir, "good")
+    write_prompts(tmp_path / "p.jsonl", 3)
+    huge_job = submit(tmp_path / "p.jsonl", "--model", name)
+    good_job = submit(tmp_path / "p.jsonl", "--model", good)
+    result = run_cli("worker", "--drain", "--batch-size", "4", timeout=300)
+    store = Store()
+    assert store.job(good_job).counts == {DONE: 3}
+    assert store.job(huge_job).counts == {QUEUED: 3}
+    _assert_clear_failure(result, "left the requests of huge queued: not enough memory")
 
 
 def test_forcing_a_model_that_does_not_fit_skips_the_estimate(home, tiny_llama_dir, tmp_path):

@@ -125,6 +125,7 @@ class Worker:
         self._consumer: Consumer | None = None
         # Models that failed to load, and when to try each again (monotonic seconds).
         self.unavailable: dict[str, float] = {}
+        self.short_of_memory: set[str] = set()  # of those, the ones that may load later
         # Requests lost with a dead worker wait for this model: run them apart first.
         self._lost_waiting = False
 
@@ -464,12 +465,11 @@ class Worker:
 
     def _drain_done(self) -> None:
         """--drain found nothing left it can run: say what stays queued, and why."""
-        waiting = {m: n for m, n in self.store.models_waiting().items()
-                   if m in self.unavailable}
+        waiting = sorted(m for m in self.short_of_memory if self.store.has_runnable(m))
         if waiting and self.error is None:
-            left = ", ".join(f"{n} of {m}" for m, n in sorted(waiting.items()))
-            self.error = ResourceError(f"--drain: left {left} requests queued: their model "
-                                       "could not be loaded for now (see the log above)")
+            self.error = ResourceError(
+                f"--drain: left the requests of {', '.join(waiting)} queued: not enough "
+                "memory to load the model now (see the log above)")
             log.error("%s", self.error)
         else:
             log.info("no runnable work left (--drain): stopping")
@@ -512,6 +512,7 @@ class Worker:
         """
         try:
             self._switch_to(target)
+            self.short_of_memory.discard(target)
             return True
         except NightshiftError as exc:
             self.state = "idle"
@@ -519,6 +520,7 @@ class Worker:
             with self._lock:
                 self.chunks = [e for e in self.chunks if e[2].model != target]
             if isinstance(exc, ResourceError):
+                self.short_of_memory.add(target)
                 log.error("cannot load model %s now: %s; its requests stay queued, tried "
                           "again in %.0f s", target, exc, UNAVAILABLE_SECONDS)
             else:
