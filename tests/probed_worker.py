@@ -15,8 +15,10 @@ own code. The probes only observe, except where a test asks for a fault:
 * ``NIGHTSHIFT_TEST_LOAD_SECONDS=SECONDS``: loading takes that much longer, as a big
   model's would.
 * SIGUSR1 writes every thread's Python stack to the worker's log.
-* ``NIGHTSHIFT_TEST_POISON_SEED=N``: a request sampled with seed N raises inside the
-  generator step, as a broken request would.
+* ``NIGHTSHIFT_TEST_POISON_SEED=N[,M...]``: a request sampled with one of these seeds
+  raises inside the generator step, as a broken request would.
+* ``NIGHTSHIFT_TEST_KILLER_SEED=N``: a request sampled with seed N kills the worker
+  process (SIGKILL) each time it is sampled, as one that crashes the model would.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ PHASES_ENV = "NIGHTSHIFT_TEST_PHASES"
 WRITE_PAUSE_ENV = "NIGHTSHIFT_TEST_WRITE_PAUSE"
 LOAD_SECONDS_ENV = "NIGHTSHIFT_TEST_LOAD_SECONDS"
 POISON_ENV = "NIGHTSHIFT_TEST_POISON_SEED"
+KILLER_ENV = "NIGHTSHIFT_TEST_KILLER_SEED"
 
 
 class PhaseLog:
@@ -99,13 +102,20 @@ def install() -> None:
 
     store.Store.finish = finish
 
-    poison = os.environ.get(POISON_ENV)
-    if poison is not None:
+    poison = {int(x) for x in os.environ.get(POISON_ENV, "").split(",") if x}
+    killer = int(os.environ[KILLER_ENV]) if os.environ.get(KILLER_ENV) else None
+    if poison or killer is not None:
         real_sampler = engine.seeded_sampler
 
         def seeded_sampler(temperature, top_p, seed):
             sample = real_sampler(temperature, top_p, seed)
-            if seed != int(poison):
+            if seed == killer:
+                def kill(logprobs):
+                    mark("killed-by-request")
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+                return kill
+            if seed not in poison:
                 return sample
 
             def broken(logprobs):

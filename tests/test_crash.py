@@ -47,7 +47,10 @@ JITTER = {"loading": 0.05, "prefill": 0.01, "decode": 0.03, "writing": 0.012}
 KILLS_PER_PHASE = 6  # SIGKILL: at least this many deaths in each phase (24 or more)
 STOPS_PER_PHASE = 2  # SIGTERM and SIGINT: this many stops in each phase
 STOP_BOUND_SECONDS = 15.0  # a signalled worker is gone within this (grace 1 s included)
-WORKER_ARGS = ("--model", "tiny", "--batch-size", "4")
+# Dozens of deaths at random moments: a request in flight at three of them would be
+# failed as the one that kills the worker (--max-attempts 3, tests/test_many_workers.py
+# proves that); here every request must be done, so the limit is out of reach.
+WORKER_ARGS = ("--model", "tiny", "--batch-size", "4", "--max-attempts", "100")
 
 
 def _rng() -> tuple[random.Random, int]:
