@@ -91,7 +91,7 @@ def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, sy
         if exc.more:
             click.echo(f"... and {exc.more} more bad lines", err=True)
         raise click.ClickException(
-            f"{source}: nothing was queued; fix the lines above and submit again"
+            f"{output.printable(source)}: nothing was queued; fix the lines above and submit again"
         ) from None
     tasks = _queue().enqueue(store.chunks(job_id))
     if as_json:
@@ -143,7 +143,7 @@ def cancel_cmd(job, as_json):
     if as_json:
         output.print_json({"id": job, "cancelled": n})
     else:
-        click.echo(f"cancelled {n} queued requests of job {job}")
+        output.echo(f"cancelled {n} queued requests of job {job}")
 
 
 @cli.command("retry")
@@ -160,7 +160,7 @@ def retry_cmd(job, as_json):
     if as_json:
         output.print_json({"id": job, "requeued": n})
     else:
-        click.echo(f"queued {n} failed requests of job {job} again")
+        output.echo(f"queued {n} failed requests of job {job} again")
 
 
 @cli.command("export")
@@ -183,4 +183,5 @@ def export_cmd(job, fmt, out, force):
     start = time.perf_counter()
     n = export(Store(), job, fmt, out, force=force)
     if out:
-        click.echo(f"wrote {n} records to {out} in {time.perf_counter() - start:.1f} s", err=True)
+        output.echo(f"wrote {n} records to {out} in {time.perf_counter() - start:.1f} s",
+                    err=True)

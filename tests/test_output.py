@@ -1,0 +1,77 @@
+"""Output that cannot hurt: what a user submitted never drives the terminal or a
+spreadsheet, export files are written like any other file and counted right, and a
+read-only data directory or a missing optional driver is a clear message."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import pytest
+
+from jobs.store import Result, Store
+from jobs.submit import JobOptions, submit
+from worker import registry
+
+HOSTILE_NAME = "[/bold] [red]x\x1b[2J\u202e"
+
+
+@pytest.fixture
+def model(home) -> str:
+    """A registry entry that submit accepts; nothing here loads it."""
+    folder = home / "models" / "fake"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    return "fake"
+
+
+def make_job(store: Store, rows: list[dict], **options) -> str:
+    data = io.BytesIO("".join(json.dumps(r) + "\n" for r in rows).encode())
+    options.setdefault("model", "fake")
+    return submit(store, data, "in.jsonl", JobOptions(**options), registry.is_known)[0]
+
+
+def finish_all(store: Store, job_id: str, responses: list[str | None],
+               errors: list[str | None] | None = None) -> None:
+    """Store a result for each request, as a worker would."""
+    claimed = store.claim(store.chunks(job_id)[0], "w", len(responses))
+    now = time.time()
+    errors = errors or [None] * len(responses)
+    store.finish([Result(c.id, job_id, now - 1, now, first_token_at=now - 0.5, response=r,
+                         finish_reason="stop", prompt_tokens=3, completion_tokens=2, error=e)
+                  for c, r, e in zip(claimed, responses, errors)], "w")
+
+
+# -- 1. status and the other commands escape what users wrote --------------------------
+
+
+def test_status_shows_markup_and_control_characters_as_text(invoke, model):
+    store = Store()
+    job = make_job(store, [{"prompt": "hi"}], name=HOSTILE_NAME)
+    # A worker on another host, whose id, host and model came from elsewhere.
+    store.register_worker("evil\x1b[2J:1:1", "evil\x1b[2J", 1, None)
+    store.update_worker("evil\x1b[2J:1:1", state="running", model="m\x1b]0;title\x07")
+    for args in (["status"], ["status", job]):
+        out = invoke(*args).output
+        assert "\x1b" not in out and "\u202e" not in out and "\x07" not in out, out
+        assert "[/bold] [red]x\\x1b[2J\\u202e" in out
+    assert "\\x1b[2J" in invoke("status").output  # the worker's line
+    # --json keeps the text as it is (JSON escapes it).
+    assert json.loads(invoke("status", "--json").output)["jobs"][0]["name"] == HOSTILE_NAME
+
+
+def test_models_list_escapes_markup(invoke, model, home):
+    (home / "models" / model / "nightshift.json").write_text(
+        json.dumps({"source": "gguf:/tmp/[/bold]\x1b[2J.gguf"}))
+    out = invoke("models", "list").output
+    assert "gguf:/tmp/[/bold]\\x1b[2J.gguf" in out and "\x1b" not in out
+
+
+def test_echoed_arguments_and_errors_escape_control_characters(invoke, model, tmp_path):
+    job = make_job(Store(), [{"prompt": "hi"}])
+    out = tmp_path / "a\x1b[2J.jsonl"
+    result = invoke("export", job, "-o", out)
+    assert "\x1b" not in result.output and "a\\x1b[2J.jsonl" in result.output
+    result = invoke("models", "convert", tmp_path / "x\x1b[2J", "--name", "y", expect=1)
+    assert "\x1b" not in result.output and "x\\x1b[2J" in result.output
