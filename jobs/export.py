@@ -80,12 +80,18 @@ def iter_jsonl(store: Store, job_id: str) -> Iterator[bytes]:
         yield orjson.dumps(batch_record(row, job)) + b"\n"
 
 
+def csv_header() -> bytes:
+    """The CSV header line, which goes before ``iter_csv``'s rows."""
+    buf = io.StringIO()
+    csv.writer(buf).writerow(CSV_COLUMNS)
+    return buf.getvalue().encode()
+
+
 def iter_csv(store: Store, job_id: str) -> Iterator[bytes]:
-    """CSV rows (bytes), a header first, one row per request in input order."""
+    """CSV rows (bytes), one per request in input order; ``csv_header()`` goes first."""
     job = store.job(job_id)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
-    writer.writeheader()
     for row in store.iter_requests(job_id):
         writer.writerow({
             "line": row.line_no, "custom_id": row.custom_id, "status": row.status,
@@ -101,6 +107,8 @@ def iter_csv(store: Store, job_id: str) -> Iterator[bytes]:
 
 
 FORMATS = {"jsonl": iter_jsonl, "csv": iter_csv}
+# What a format writes before its records (not counted as one).
+HEADERS = {"csv": csv_header}
 
 
 def export(store: Store, job_id: str, fmt: str, out: str | None, *, force: bool = False,
@@ -112,26 +120,30 @@ def export(store: Store, job_id: str, fmt: str, out: str | None, *, force: bool 
         NightshiftError: ``out`` exists and ``force`` is not set.
         NotFound: no such job.
     """
+    store.job(job_id)  # NotFound before anything is written
+    header = HEADERS[fmt]() if fmt in HEADERS else b""
     rows = FORMATS[fmt](store, job_id)
-    count = -1 if fmt == "csv" else 0  # the CSV header is not a record
+    count = 0
     if out is None:
         sink = stdout or sys.stdout.buffer
-        for chunk in rows:
-            sink.write(chunk)
+        sink.write(header)
+        for record in rows:
+            sink.write(record)
             count += 1
         sink.flush()
-        return max(count, 0)
+        return count
     path = Path(out)
     if path.exists() and not force:
         raise NightshiftError(f"{path} exists: pass --force to overwrite it, or choose another -o")
     fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
-            for chunk in rows:
-                f.write(chunk)
+            f.write(header)
+            for record in rows:
+                f.write(record)
                 count += 1
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return max(count, 0)
+    return count

@@ -75,3 +75,20 @@ def test_echoed_arguments_and_errors_escape_control_characters(invoke, model, tm
     assert "\x1b" not in result.output and "a\\x1b[2J.jsonl" in result.output
     result = invoke("models", "convert", tmp_path / "x\x1b[2J", "--name", "y", expect=1)
     assert "\x1b" not in result.output and "x\\x1b[2J" in result.output
+
+
+# -- export: counts, CSV cells, the -o file --------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_export_reports_the_records_it_wrote(invoke, model, tmp_path, fmt):
+    from jobs.export import export
+
+    store = Store()
+    job = make_job(store, [{"prompt": f"q{i}"} for i in range(3)])
+    sink = io.BytesIO()
+    assert export(store, job, fmt, None, stdout=sink) == 3
+    out = tmp_path / f"out.{fmt}"
+    assert "wrote 3 records" in invoke("export", job, "--format", fmt, "-o", out).output
+    lines = out.read_text().splitlines()
+    assert len(lines) == 3 + (fmt == "csv") and sink.getvalue().decode().splitlines() == lines
