@@ -170,7 +170,10 @@ def retry_cmd(job, as_json):
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False),
               help="Write to this file (atomically) instead of stdout.")
 @click.option("--force", is_flag=True, help="Overwrite an existing -o file.")
-def export_cmd(job, fmt, out, force):
+@click.option("--raw-cells", is_flag=True,
+              help="CSV: write text exactly as stored, even cells a spreadsheet runs as a "
+              "formula (starting with = + - @); by default those get a leading '.")
+def export_cmd(job, fmt, out, force, raw_cells):
     """Write a job's results, one record per request in input order.
 
     \b
@@ -180,8 +183,11 @@ def export_cmd(job, fmt, out, force):
     from jobs.export import export
     from jobs.store import Store
 
+    if raw_cells and fmt != "csv":
+        raise click.UsageError("--raw-cells applies to --format csv only (JSONL is never "
+                               "run as a formula)")
     start = time.perf_counter()
-    n = export(Store(), job, fmt, out, force=force)
+    n = export(Store(), job, fmt, out, force=force, raw_cells=raw_cells)
     if out:
         output.echo(f"wrote {n} records to {out} in {time.perf_counter() - start:.1f} s",
                     err=True)

@@ -28,6 +28,11 @@ CSV_COLUMNS = [
     "cached_tokens", "completion_tokens", "queued_at", "started_at", "first_token_at",
     "finished_at", "ttft_s", "prompt_tps", "generation_tps", "attempts", "error", "metadata",
 ]
+# Columns holding text from a user or a model; the others are numbers.
+CSV_TEXT_COLUMNS = ("custom_id", "status", "response", "finish_reason", "error", "metadata")
+# A cell starting with one of these is run as a formula by Excel, LibreOffice and Google
+# Sheets ("CSV injection"): a model's answer could fetch URLs or run commands there.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def _timings(row, queued_at: float) -> dict:
@@ -87,20 +92,34 @@ def csv_header() -> bytes:
     return buf.getvalue().encode()
 
 
-def iter_csv(store: Store, job_id: str) -> Iterator[bytes]:
-    """CSV rows (bytes), one per request in input order; ``csv_header()`` goes first."""
+def neutralise(cell: str | None) -> str | None:
+    """A text cell a spreadsheet shows as text: one that would start a formula gets a
+    leading single quote (OWASP's advice for CSV injection)."""
+    return "'" + cell if cell and cell.startswith(FORMULA_START) else cell
+
+
+def iter_csv(store: Store, job_id: str, *, raw_cells: bool = False) -> Iterator[bytes]:
+    """CSV rows (bytes), one per request in input order; ``csv_header()`` goes first.
+
+    Text cells that a spreadsheet would run as a formula are neutralised (see
+    ``neutralise``) unless ``raw_cells``; numbers are written as they are.
+    """
     job = store.job(job_id)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
     for row in store.iter_requests(job_id):
-        writer.writerow({
+        record = {
             "line": row.line_no, "custom_id": row.custom_id, "status": row.status,
             "response": row.response, "finish_reason": row.finish_reason,
             "prompt_tokens": row.prompt_tokens, "cached_tokens": row.cached_tokens,
             "completion_tokens": row.completion_tokens, "attempts": row.attempts,
             "error": row.error, "metadata": row.metadata,
             **_timings(row, job.created_at),
-        })
+        }
+        if not raw_cells:
+            for column in CSV_TEXT_COLUMNS:
+                record[column] = neutralise(record[column])
+        writer.writerow(record)
         yield buf.getvalue().encode()
         buf.seek(0)
         buf.truncate()
@@ -112,9 +131,9 @@ HEADERS = {"csv": csv_header}
 
 
 def export(store: Store, job_id: str, fmt: str, out: str | None, *, force: bool = False,
-           stdout: BinaryIO | None = None) -> int:
+           stdout: BinaryIO | None = None, raw_cells: bool = False) -> int:
     """Write a job's export to ``out`` (atomically; never over a file unless forced)
-    or to ``stdout``. Returns the number of records.
+    or to ``stdout``. Returns the number of records. ``raw_cells``: see ``iter_csv``.
 
     Raises:
         NightshiftError: ``out`` exists and ``force`` is not set.
@@ -122,7 +141,10 @@ def export(store: Store, job_id: str, fmt: str, out: str | None, *, force: bool 
     """
     store.job(job_id)  # NotFound before anything is written
     header = HEADERS[fmt]() if fmt in HEADERS else b""
-    rows = FORMATS[fmt](store, job_id)
+    if fmt == "csv":
+        rows = iter_csv(store, job_id, raw_cells=raw_cells)
+    else:
+        rows = FORMATS[fmt](store, job_id)
     count = 0
     if out is None:
         sink = stdout or sys.stdout.buffer

@@ -92,3 +92,31 @@ def test_export_reports_the_records_it_wrote(invoke, model, tmp_path, fmt):
     assert "wrote 3 records" in invoke("export", job, "--format", fmt, "-o", out).output
     lines = out.read_text().splitlines()
     assert len(lines) == 3 + (fmt == "csv") and sink.getvalue().decode().splitlines() == lines
+
+
+FORMULAS = ["=HYPERLINK(\"http://x\")", "+1+1", "-2+3", "@SUM(A1)", "\tx", "\rx", "plain"]
+
+
+def csv_rows(text: str) -> list[dict]:
+    import csv
+
+    return list(csv.DictReader(io.StringIO(text, newline="")))
+
+
+def test_csv_cells_a_spreadsheet_would_run_are_neutralised(invoke, model):
+    store = Store()
+    job = make_job(store, [{"prompt": "q", "custom_id": f"={i}", "metadata": {"k": "=1"}}
+                           for i in range(len(FORMULAS) + 1)])
+    finish_all(store, job, FORMULAS + [None], errors=[None] * len(FORMULAS) + ["-oops"])
+    with store.write() as conn:  # a negative number, which must stay a number
+        conn.exec_driver_sql("UPDATE requests SET first_token_at = started_at - 1.5 "
+                             "WHERE seq = 0")
+    rows = csv_rows(invoke("export", job, "--format", "csv").output)
+    assert [r["response"] for r in rows] == ["'" + f for f in FORMULAS[:-1]] + ["plain", ""]
+    assert rows[0]["custom_id"] == "'=0" and rows[-1]["error"] == "'-oops"
+    assert rows[0]["ttft_s"] == "-1.5" and rows[0]["line"] == "1"
+    assert json.loads(rows[0]["metadata"]) == {"k": "=1"}
+    raw = csv_rows(invoke("export", job, "--format", "csv", "--raw-cells").output)
+    assert [r["response"] for r in raw] == FORMULAS + [""] and raw[-1]["error"] == "-oops"
+    result = invoke("export", job, "--raw-cells", expect=2)
+    assert "--format csv" in result.output
