@@ -9,8 +9,9 @@ from __future__ import annotations
 import csv
 import io
 import os
+import secrets
+import stat
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -136,7 +137,8 @@ def export(store: Store, job_id: str, fmt: str, out: str | None, *, force: bool 
     or to ``stdout``. Returns the number of records. ``raw_cells``: see ``iter_csv``.
 
     Raises:
-        NightshiftError: ``out`` exists and ``force`` is not set.
+        NightshiftError: ``out`` exists (a dangling link included) and ``force`` is not
+            set; its folder does not exist or cannot be written.
         NotFound: no such job.
     """
     store.job(job_id)  # NotFound before anything is written
@@ -155,9 +157,7 @@ def export(store: Store, job_id: str, fmt: str, out: str | None, *, force: bool 
         sink.flush()
         return count
     path = Path(out)
-    if path.exists() and not force:
-        raise NightshiftError(f"{path} exists: pass --force to overwrite it, or choose another -o")
-    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".part")
+    fd, tmp = _open_temporary(path, force)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(header)
@@ -166,6 +166,39 @@ def export(store: Store, job_id: str, fmt: str, out: str | None, *, force: bool 
                 count += 1
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return count
+
+
+def _open_temporary(path: Path, force: bool) -> tuple[int, Path]:
+    """A new file beside ``path`` to write the export into, then rename over ``path``.
+
+    It gets the permissions ``open(path, "w")`` would give: those of the file it
+    replaces, else 0666 less the umask (mkstemp's 0600 would hide results from a
+    group that reads them). Raises NightshiftError as ``export`` says.
+    """
+    try:
+        existing = path.lstat()  # the link itself: a dangling link exists too
+    except FileNotFoundError:
+        existing = None
+    if existing is not None and not force:
+        raise NightshiftError(f"{path} exists: pass --force to overwrite it, or choose another -o")
+    folder = path.parent
+    if not folder.is_dir():
+        raise NightshiftError(f"cannot write {path}: folder {folder} does not exist"
+                              if not folder.exists() else
+                              f"cannot write {path}: {folder} is not a folder")
+    while True:
+        tmp = folder / f".{path.name}.{secrets.token_hex(4)}.part"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise NightshiftError(f"cannot write {path}: {e.strerror}") from e
+        break
+    # A replaced regular file keeps its mode; a replaced link does not lend its target's.
+    if existing is not None and stat.S_ISREG(existing.st_mode):
+        os.fchmod(fd, stat.S_IMODE(existing.st_mode))
+    return fd, tmp

@@ -120,3 +120,41 @@ def test_csv_cells_a_spreadsheet_would_run_are_neutralised(invoke, model):
     assert [r["response"] for r in raw] == FORMULAS + [""] and raw[-1]["error"] == "-oops"
     result = invoke("export", job, "--raw-cells", expect=2)
     assert "--format csv" in result.output
+
+
+def test_export_into_a_missing_folder_is_a_clear_error(invoke, model, tmp_path):
+    job = make_job(Store(), [{"prompt": "q"}])
+    out = tmp_path / "missing" / "out.jsonl"
+    result = invoke("export", job, "-o", out, expect=1)
+    assert f"Error: cannot write {out}: folder {out.parent} does not exist" in result.output
+    assert not out.parent.exists()
+
+
+def test_export_file_gets_the_permissions_of_any_new_file(invoke, model, tmp_path):
+    import os
+    import stat
+
+    job = make_job(Store(), [{"prompt": "q"}])
+    old = os.umask(0o022)
+    try:
+        invoke("export", job, "-o", tmp_path / "new.jsonl")
+        kept = tmp_path / "kept.jsonl"
+        kept.write_text("old")
+        kept.chmod(0o640)
+        invoke("export", job, "-o", kept, "--force")  # as open(path, "w") would keep it
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "new.jsonl").stat().st_mode) == 0o644
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o640 and kept.read_text() != "old"
+
+
+def test_a_dangling_link_is_not_replaced_without_force(invoke, model, tmp_path):
+    job = make_job(Store(), [{"prompt": "q"}])
+    target = tmp_path / "elsewhere.jsonl"
+    link = tmp_path / "out.jsonl"
+    link.symlink_to(target)
+    result = invoke("export", job, "-o", link, expect=1)
+    assert "exists: pass --force" in result.output
+    assert link.is_symlink() and not target.exists()
+    invoke("export", job, "-o", link, "--force")  # the link itself is replaced
+    assert not link.is_symlink() and not target.exists() and link.read_text()
