@@ -35,7 +35,8 @@ def _queue():
 @click.option("--stop", multiple=True, help="Stop text (repeatable); the answer ends before it.")
 @click.option("--system", help="System prompt for chat requests that have none.")
 @click.option("--raw", is_flag=True, help="Send {\"prompt\"} lines as raw text, no chat template.")
-@click.option("--priority", type=int, default=0, show_default=True,
+@click.option("--priority", default=0, show_default=True,
+              type=click.IntRange(settings.PRIORITY_MIN, settings.PRIORITY_MAX),
               help="Higher runs first.")
 @click.option("--at", "at", help='Do not start before this time: "02:00" or ISO 8601.')
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")

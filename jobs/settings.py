@@ -23,6 +23,8 @@ DEFAULT_TOP_P = 1.0
 # tasks, small enough that a higher-priority job gets in quickly and several
 # workers can share one big job.
 CHUNK_SIZE = 512
+# Job priorities: what the jobs.priority column holds (INTEGER, 32 bits on PostgreSQL).
+PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1
 # A worker whose heartbeat is older than this is taken as gone.
 HEARTBEAT_SECONDS = 5.0
 HEARTBEAT_STALE_SECONDS = 30.0

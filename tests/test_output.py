@@ -158,3 +158,17 @@ def test_a_dangling_link_is_not_replaced_without_force(invoke, model, tmp_path):
     assert link.is_symlink() and not target.exists()
     invoke("export", job, "-o", link, "--force")  # the link itself is replaced
     assert not link.is_symlink() and not target.exists() and link.read_text()
+
+
+# -- submit ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("priority", [10**30, -(2**31) - 1])
+def test_a_priority_the_database_cannot_hold_is_a_clear_error(invoke, model, tmp_path,
+                                                              priority):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    result = invoke("submit", prompts, "--model", model, "--priority", priority, expect=2)
+    assert "--priority" in result.output and "2147483647" in result.output
+    assert json.loads(invoke("status", "--json").output)["jobs"] == []
+    invoke("submit", prompts, "--model", model, "--priority", 2**31 - 1)
