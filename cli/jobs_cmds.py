@@ -75,7 +75,7 @@ def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, sy
     store = Store()
     try:
         if file == "-":
-            job_id, count = submit(store, sys.stdin.buffer, source, options, registry.is_known)
+            job_id, count = submit(store, sys.stdin.buffer, source, options, registry.reference)
         else:
             try:
                 f = open(file, "rb")
@@ -85,7 +85,7 @@ def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, sy
                 stream = f
                 if not output.quiet_unless_tty(quiet or as_json):
                     stream = wrap_file(f, total=_size(f), description="checking and storing")
-                job_id, count = submit(store, stream, source, options, registry.is_known)
+                job_id, count = submit(store, stream, source, options, registry.reference)
     except InputError as exc:
         for problem in exc.problems:
             click.echo(output.printable(problem), err=True)

@@ -29,7 +29,7 @@ def model(home) -> str:
 def make_job(store: Store, rows: list[dict], **options) -> str:
     data = io.BytesIO("".join(json.dumps(r) + "\n" for r in rows).encode())
     options.setdefault("model", "fake")
-    return submit(store, data, "in.jsonl", JobOptions(**options), registry.is_known)[0]
+    return submit(store, data, "in.jsonl", JobOptions(**options), registry.reference)[0]
 
 
 def finish_all(store: Store, job_id: str, responses: list[str | None],
@@ -172,3 +172,24 @@ def test_a_priority_the_database_cannot_hold_is_a_clear_error(invoke, model, tmp
     assert "--priority" in result.output and "2147483647" in result.output
     assert json.loads(invoke("status", "--json").output)["jobs"] == []
     invoke("submit", prompts, "--model", model, "--priority", 2**31 - 1)
+
+
+def test_a_model_folder_is_stored_as_an_absolute_path(invoke, model, tmp_path, monkeypatch):
+    folder = tmp_path / "work" / "my-model"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path / "work")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    chat = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "./my-model", "messages": [{"role": "user", "content": "hi"}]}}
+    from_lines = tmp_path / "batch.jsonl"
+    from_lines.write_text(json.dumps(chat) + "\n")
+    stored = {}
+    for args in (["--model", "./my-model"], ["--model", model], ["--model", "org/name"], []):
+        source = prompts if args else from_lines
+        job = json.loads(invoke("submit", source, *args, "--json").output)["id"]
+        stored[args[-1] if args else "lines"] = Store().job(job).model
+    # A worker started in another folder finds it; names and repo ids stay as typed.
+    assert stored == {"./my-model": str(folder), model: model, "org/name": "org/name",
+                      "lines": str(folder)}

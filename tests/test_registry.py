@@ -200,3 +200,12 @@ def test_registry_import_does_not_load_mlx():
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "False"
+
+
+def test_reference_makes_a_folder_absolute_and_keeps_names(tmp_path, monkeypatch):
+    float_model()
+    folder = fake_model(tmp_path / "here", {"w": ("F32", (2,))})
+    monkeypatch.chdir(tmp_path)
+    assert registry.reference("./here") == str(folder.resolve())
+    assert registry.reference("TINY") == "TINY" and registry.reference("org/name") == "org/name"
+    assert registry.reference("nope") is None

@@ -104,13 +104,22 @@ def resolve(name_or_path: str) -> str:
     raise NotFound(_missing_message(name_or_path))
 
 
+def reference(name: str) -> str | None:
+    """How a job records the model ``name``: a registry name or repo id as given, a
+    local folder as its absolute path (the worker may start in another folder). None
+    when ``resolve`` does not accept ``name``. No network, no mlx: cheap at submit time.
+    """
+    if _installed(name) is not None:
+        return name
+    try:
+        return resolve(name)
+    except NotFound:
+        return None
+
+
 def is_known(name: str) -> bool:
     """Cheap check at submit time: does ``resolve`` accept ``name``? No network, no mlx."""
-    try:
-        resolve(name)
-    except NotFound:
-        return False
-    return True
+    return reference(name) is not None
 
 
 def model_context_length(path: str | Path) -> int | None:
