@@ -73,6 +73,7 @@ def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, sy
     )
     source = "<stdin>" if file == "-" else file
     store = Store()
+    queue = _queue()  # before storing: a queue that cannot open must not strand a job
     try:
         if file == "-":
             job_id, count = submit(store, sys.stdin.buffer, source, options, registry.reference)
@@ -94,7 +95,7 @@ def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, sy
         raise click.ClickException(
             f"{output.printable(source)}: nothing was queued; fix the lines above and submit again"
         ) from None
-    tasks = _queue().enqueue(store.chunks(job_id))
+    tasks = queue.enqueue(store.chunks(job_id))
     if as_json:
         output.print_json({"id": job_id, "requests": count, "queue_tasks": tasks,
                            "not_before": not_before})

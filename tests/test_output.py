@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import time
 
 import pytest
@@ -193,3 +194,29 @@ def test_a_model_folder_is_stored_as_an_absolute_path(invoke, model, tmp_path, m
     # A worker started in another folder finds it; names and repo ids stay as typed.
     assert stored == {"./my-model": str(folder), model: model, "org/name": "org/name",
                       "lines": str(folder)}
+
+
+# -- missing optional drivers -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module", ["psycopg", "psycopg2"])
+def test_a_postgresql_url_without_its_driver_says_which_extra_to_install(invoke, monkeypatch,
+                                                                         module):
+    monkeypatch.setitem(sys.modules, module, None)  # the import fails, as if not installed
+    url = ("postgresql://me:secret@127.0.0.1:1/db" if module == "psycopg"
+           else "postgresql+psycopg2://me:secret@127.0.0.1:1/db")
+    monkeypatch.setenv("NIGHTSHIFT_DATABASE_URL", url)
+    result = invoke("status", expect=1)
+    assert "pip install 'nightshift[postgres]'" in result.output
+    assert "NIGHTSHIFT_DATABASE_URL" in result.output and "secret" not in result.output
+
+
+def test_a_redis_url_without_the_package_says_which_extra_to_install(invoke, monkeypatch,
+                                                                     model, tmp_path):
+    monkeypatch.setitem(sys.modules, "redis", None)
+    monkeypatch.setenv("NIGHTSHIFT_QUEUE_URL", "redis://127.0.0.1:1/0")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    result = invoke("submit", prompts, "--model", model, expect=1)
+    assert "pip install 'nightshift[redis]'" in result.output
+    assert json.loads(invoke("status", "--json").output)["jobs"] == []  # nothing half-queued
