@@ -183,13 +183,14 @@ def export_cmd(job, fmt, out, force, raw_cells):
     nightshift export JOB --format csv > results.csv
     """
     from jobs.export import export
-    from jobs.store import Store
+    from jobs.reads import open_reads
 
     if raw_cells and fmt != "csv":
         raise click.UsageError("--raw-cells applies to --format csv only (JSONL is never "
                                "run as a formula)")
     start = time.perf_counter()
-    n = export(Store(), job, fmt, out, force=force, raw_cells=raw_cells)
+    # Read-only: an export works on a database it cannot write (a read-only home).
+    n = export(open_reads(), job, fmt, out, force=force, raw_cells=raw_cells)
     if out:
         output.echo(f"wrote {n} records to {out} in {time.perf_counter() - start:.1f} s",
                     err=True)

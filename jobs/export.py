@@ -22,7 +22,7 @@ from jobs.errors import NightshiftError
 from jobs.reads import DONE
 
 if TYPE_CHECKING:  # the CLI imports this module for FORMATS: keep it light
-    from jobs.store import Store
+    from jobs.reads import Reads
 
 CSV_COLUMNS = [
     "line", "custom_id", "status", "response", "finish_reason", "prompt_tokens",
@@ -79,7 +79,7 @@ def batch_record(row, job) -> dict:
     return record
 
 
-def iter_jsonl(store: Store, job_id: str) -> Iterator[bytes]:
+def iter_jsonl(store: Reads, job_id: str) -> Iterator[bytes]:
     """Export lines (bytes, newline-terminated), one per request in input order."""
     job = store.job(job_id)
     for row in store.iter_requests(job_id):
@@ -99,7 +99,7 @@ def neutralise(cell: str | None) -> str | None:
     return "'" + cell if cell and cell.startswith(FORMULA_START) else cell
 
 
-def iter_csv(store: Store, job_id: str, *, raw_cells: bool = False) -> Iterator[bytes]:
+def iter_csv(store: Reads, job_id: str, *, raw_cells: bool = False) -> Iterator[bytes]:
     """CSV rows (bytes), one per request in input order; ``csv_header()`` goes first.
 
     Text cells that a spreadsheet would run as a formula are neutralised (see
@@ -131,7 +131,7 @@ FORMATS = {"jsonl": iter_jsonl, "csv": iter_csv}
 HEADERS = {"csv": csv_header}
 
 
-def export(store: Store, job_id: str, fmt: str, out: str | None, *, force: bool = False,
+def export(store: Reads, job_id: str, fmt: str, out: str | None, *, force: bool = False,
            stdout: BinaryIO | None = None, raw_cells: bool = False) -> int:
     """Write a job's export to ``out`` (atomically; never over a file unless forced)
     or to ``stdout``. Returns the number of records. ``raw_cells``: see ``iter_csv``.

@@ -426,24 +426,6 @@ class Store(Reads):
         with self.read() as conn:
             return json.loads(_job_row(conn, job_id).defaults)
 
-    def iter_requests(self, job_id: str, page: int = 1000) -> Iterator:
-        """Every request row of a job in input order, read in pages (constant memory)."""
-        with self.read() as conn:
-            _job_row(conn, job_id)
-        last = -1
-        while True:
-            with self.read() as conn:
-                rows = conn.execute(
-                    select(requests)
-                    .where(requests.c.job_id == job_id, requests.c.seq > last)
-                    .order_by(requests.c.seq)
-                    .limit(page)
-                ).all()
-            if not rows:
-                return
-            yield from rows
-            last = rows[-1].seq
-
     def has_runnable(self, model: str | None = None, now: float | None = None) -> bool:
         """Whether any queued request could start now (of ``model``'s jobs)."""
         now = now or time.time()

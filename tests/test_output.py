@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +18,7 @@ from jobs.store import Result, Store
 from jobs.submit import JobOptions, submit
 from worker import registry
 
+REPO = Path(__file__).resolve().parent.parent
 HOSTILE_NAME = "[/bold] [red]x\x1b[2J\u202e"
 
 
@@ -220,3 +224,50 @@ def test_a_redis_url_without_the_package_says_which_extra_to_install(invoke, mon
     result = invoke("submit", prompts, "--model", model, expect=1)
     assert "pip install 'nightshift[redis]'" in result.output
     assert json.loads(invoke("status", "--json").output)["jobs"] == []  # nothing half-queued
+
+
+# -- a read-only data directory ----------------------------------------------------------
+
+
+def _as_reader(home):
+    """How to run a command that may not write in ``home``: chmod is enough for a user;
+    root ignores it, so it runs without the capabilities that let it."""
+    if os.geteuid() != 0:
+        return []
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+    try:
+        probe = subprocess.run([*prefix, "test", "-w", str(home)], timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        pytest.skip("setpriv cannot drop root's file permission override here")
+    if probe.returncode == 0:
+        pytest.skip("setpriv cannot drop root's file permission override here")
+    return prefix
+
+
+def test_status_and_export_read_a_read_only_home(model, home):
+    store = Store()
+    job = make_job(store, [{"prompt": "q", "custom_id": "a"}])
+    finish_all(store, job, ["=answer"])
+    store.close()
+    assert sorted(p.name for p in home.iterdir()) == ["models", "nightshift.db"]  # no -wal
+    (home / "nightshift.db").chmod(0o444)
+    (home / "empty").mkdir(mode=0o555)
+    home.chmod(0o555)
+    try:
+        prefix = _as_reader(home)
+
+        def run(*args):
+            return subprocess.run([*prefix, sys.executable, "-m", "cli", *args], cwd=REPO,
+                                  capture_output=True, text=True, timeout=60)
+
+        status, detail, exported, empty = (
+            run("status"), run("status", job, "--json"), run("export", job, "--format", "csv"),
+            run("--home", home / "empty", "status"))
+    finally:
+        home.chmod(0o755)
+    assert status.returncode == 0 and job in status.stdout, status.stderr
+    assert json.loads(detail.stdout)["counts"]["done"] == 1, detail.stderr
+    assert csv_rows(exported.stdout)[0]["response"] == "'=answer", exported.stderr
+    # Nothing to read and nowhere to create it: one line that says so.
+    assert empty.returncode == 1 and "Traceback" not in empty.stderr, empty.stderr
+    assert f"cannot create the database {home / 'empty' / 'nightshift.db'}" in empty.stderr
