@@ -127,8 +127,6 @@ def iter_csv(store: Reads, job_id: str, *, raw_cells: bool = False) -> Iterator[
 
 
 FORMATS = {"jsonl": iter_jsonl, "csv": iter_csv}
-# What a format writes before its records (not counted as one).
-HEADERS = {"csv": csv_header}
 
 
 def export(store: Reads, job_id: str, fmt: str, out: str | None, *, force: bool = False,
@@ -142,11 +140,10 @@ def export(store: Reads, job_id: str, fmt: str, out: str | None, *, force: bool 
         NotFound: no such job.
     """
     store.job(job_id)  # NotFound before anything is written
-    header = HEADERS[fmt]() if fmt in HEADERS else b""
-    if fmt == "csv":
-        rows = iter_csv(store, job_id, raw_cells=raw_cells)
+    if fmt == "csv":  # the header is not a record
+        header, rows = csv_header(), iter_csv(store, job_id, raw_cells=raw_cells)
     else:
-        rows = FORMATS[fmt](store, job_id)
+        header, rows = b"", FORMATS[fmt](store, job_id)
     count = 0
     if out is None:
         sink = stdout or sys.stdout.buffer
