@@ -35,7 +35,8 @@ def _queue():
 @click.option("--stop", multiple=True, help="Stop text (repeatable); the answer ends before it.")
 @click.option("--system", help="System prompt for chat requests that have none.")
 @click.option("--raw", is_flag=True, help="Send {\"prompt\"} lines as raw text, no chat template.")
-@click.option("--priority", type=int, default=0, show_default=True,
+@click.option("--priority", default=0, show_default=True,
+              type=click.IntRange(settings.PRIORITY_MIN, settings.PRIORITY_MAX),
               help="Higher runs first.")
 @click.option("--at", "at", help='Do not start before this time: "02:00" or ISO 8601.')
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
@@ -72,9 +73,10 @@ def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, sy
     )
     source = "<stdin>" if file == "-" else file
     store = Store()
+    queue = _queue()  # before storing: a queue that cannot open must not strand a job
     try:
         if file == "-":
-            job_id, count = submit(store, sys.stdin.buffer, source, options, registry.is_known)
+            job_id, count = submit(store, sys.stdin.buffer, source, options, registry.reference)
         else:
             try:
                 f = open(file, "rb")
@@ -84,16 +86,16 @@ def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, sy
                 stream = f
                 if not output.quiet_unless_tty(quiet or as_json):
                     stream = wrap_file(f, total=_size(f), description="checking and storing")
-                job_id, count = submit(store, stream, source, options, registry.is_known)
+                job_id, count = submit(store, stream, source, options, registry.reference)
     except InputError as exc:
         for problem in exc.problems:
             click.echo(output.printable(problem), err=True)
         if exc.more:
             click.echo(f"... and {exc.more} more bad lines", err=True)
         raise click.ClickException(
-            f"{source}: nothing was queued; fix the lines above and submit again"
+            f"{output.printable(source)}: nothing was queued; fix the lines above and submit again"
         ) from None
-    tasks = _queue().enqueue(store.chunks(job_id))
+    tasks = queue.enqueue(store.chunks(job_id))
     if as_json:
         output.print_json({"id": job_id, "requests": count, "queue_tasks": tasks,
                            "not_before": not_before})
@@ -143,7 +145,7 @@ def cancel_cmd(job, as_json):
     if as_json:
         output.print_json({"id": job, "cancelled": n})
     else:
-        click.echo(f"cancelled {n} queued requests of job {job}")
+        output.echo(f"cancelled {n} queued requests of job {job}")
 
 
 @cli.command("retry")
@@ -160,7 +162,7 @@ def retry_cmd(job, as_json):
     if as_json:
         output.print_json({"id": job, "requeued": n})
     else:
-        click.echo(f"queued {n} failed requests of job {job} again")
+        output.echo(f"queued {n} failed requests of job {job} again")
 
 
 @cli.command("export")
@@ -170,7 +172,10 @@ def retry_cmd(job, as_json):
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False),
               help="Write to this file (atomically) instead of stdout.")
 @click.option("--force", is_flag=True, help="Overwrite an existing -o file.")
-def export_cmd(job, fmt, out, force):
+@click.option("--raw-cells", is_flag=True,
+              help="CSV: write text exactly as stored, even cells a spreadsheet runs as a "
+              "formula (starting with = + - @); by default those get a leading '.")
+def export_cmd(job, fmt, out, force, raw_cells):
     """Write a job's results, one record per request in input order.
 
     \b
@@ -178,9 +183,14 @@ def export_cmd(job, fmt, out, force):
     nightshift export JOB --format csv > results.csv
     """
     from jobs.export import export
-    from jobs.store import Store
+    from jobs.reads import open_reads
 
+    if raw_cells and fmt != "csv":
+        raise click.UsageError("--raw-cells applies to --format csv only (JSONL is never "
+                               "run as a formula)")
     start = time.perf_counter()
-    n = export(Store(), job, fmt, out, force=force)
+    # Read-only: an export works on a database it cannot write (a read-only home).
+    n = export(open_reads(), job, fmt, out, force=force, raw_cells=raw_cells)
     if out:
-        click.echo(f"wrote {n} records to {out} in {time.perf_counter() - start:.1f} s", err=True)
+        output.echo(f"wrote {n} records to {out} in {time.perf_counter() - start:.1f} s",
+                    err=True)

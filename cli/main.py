@@ -10,6 +10,7 @@ import os
 
 import click
 
+from cli.output import printable
 from jobs import settings
 from jobs.errors import NightshiftError
 
@@ -21,7 +22,10 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except NightshiftError as exc:
-            raise click.ClickException(str(exc)) from exc
+            # Messages quote names, paths and lines users wrote: escape what would drive
+            # the terminal, keeping the message's own line breaks.
+            text = "\n".join(printable(line) for line in str(exc).split("\n"))
+            raise click.ClickException(text) from exc
 
 
 def _set_env(name: str):

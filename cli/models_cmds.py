@@ -45,8 +45,8 @@ def pull_cmd(name, as_json):
     if as_json:
         output.print_json(info.to_dict())
     else:
-        click.echo(f"{info.name}: {info.architecture}, {info.parameters / 1e6:.1f}M parameters, "
-                   f"{output.size(info.size_bytes)} at {info.path}")
+        output.echo(f"{info.name}: {info.architecture}, {info.parameters / 1e6:.1f}M parameters, "
+                    f"{output.size(info.size_bytes)} at {info.path}")
 
 
 @models.command("import-gguf")
@@ -61,7 +61,7 @@ def import_gguf_cmd(path, name, as_json):
     if as_json:
         output.print_json(info.to_dict())
     else:
-        click.echo(f"imported {path} as {info.name} ({output.size(info.size_bytes)})")
+        output.echo(f"imported {path} as {info.name} ({output.size(info.size_bytes)})")
 
 
 @models.command("convert")
@@ -96,13 +96,13 @@ def convert_cmd(source, name, q_bits, q_group_size, recipe, dtype, as_json):
                              q_group_size=int(q_group_size), recipe=recipe,
                              dtype=dtype)
     if not as_json:
-        click.echo(f"converting {source} ({options.describe()}) ...", err=True)
+        output.echo(f"converting {source} ({options.describe()}) ...", err=True)
     info = registry.convert(source, name, options)
     if as_json:
         output.print_json(info.to_dict())
     else:
-        click.echo(f"converted {source} as {info.name}: {info.parameters / 1e6:.1f}M parameters, "
-                   f"bits {info.bits}, {output.size(info.size_bytes)} at {info.path}")
+        output.echo(f"converted {source} as {info.name}: {info.parameters / 1e6:.1f}M parameters, "
+                    f"bits {info.bits}, {output.size(info.size_bytes)} at {info.path}")
 
 
 @models.command("rm")
@@ -112,4 +112,4 @@ def rm_cmd(name):
     from worker import registry
 
     registry.remove(name)
-    click.echo(f"removed {name}")
+    output.echo(f"removed {name}")

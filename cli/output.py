@@ -27,11 +27,18 @@ def console():
 
 
 def table(columns: list[str], rows: list[list], title: str | None = None) -> None:
+    """Print a table. Cells are text, never markup: a job called ``[/bold]`` is shown as
+    such instead of breaking the table, and control characters are escaped."""
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(*columns, title=title, box=None, header_style="bold", pad_edge=False)
+    def cell(value) -> str:
+        return "" if value is None else escape(printable(str(value)))
+
+    t = Table(*map(cell, columns), title=title and cell(title), box=None, header_style="bold",
+              pad_edge=False)
     for row in rows:
-        t.add_row(*["" if v is None else str(v) for v in row])
+        t.add_row(*map(cell, row))
     console().print(t)
 
 
@@ -76,10 +83,16 @@ def printable(text: str) -> str:
                    for c in text)
 
 
+def echo(text: str = "", err: bool = False) -> None:
+    """``click.echo`` of a line that quotes names, paths or sources users wrote, with
+    control characters escaped (see ``printable``)."""
+    click.echo(printable(text), err=err)
+
+
 def quiet_unless_tty(quiet: bool) -> bool:
     """Progress shows on a terminal only, never when piped or with --quiet."""
     return quiet or not sys.stderr.isatty()
 
 
 __all__ = ["json_option", "print_json", "table", "duration", "size", "ago", "when", "rate",
-           "console", "quiet_unless_tty", "printable"]
+           "console", "quiet_unless_tty", "printable", "echo"]

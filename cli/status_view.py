@@ -82,22 +82,22 @@ def overview(store: Reads, limit: int, as_json: bool) -> None:
         })
         return
     for w in live:
-        click.echo(
+        output.echo(
             f"worker {w.id}: {w.state}, model {w.model or '-'}"
             f"{' (serves only ' + w.serves + ')' if w.serves else ''}, batch {w.batch_size or '-'},"
             f" heartbeat {output.duration(w.heartbeat_age)} ago"
         )
         if w.compute:
-            click.echo(f"  compute: {w.compute}")
+            output.echo(f"  compute: {w.compute}")
         if w.load_seconds is not None:
             click.echo(f"  loaded in {w.load_seconds:.1f} s, warm-up {w.warmup_seconds or 0:.1f} s,"
                        f" peak memory {output.size(w.peak_memory)}")
     if last_switch:
-        click.echo(_switch_line(last_switch))
+        output.echo(_switch_line(last_switch))
     if waiting and live:
-        click.echo(_waiting_line(live, waiting))
+        output.echo(_waiting_line(live, waiting))
     for note in notes:
-        click.echo(note)
+        output.echo(note)
     if not jobs:
         click.echo("No jobs yet: nightshift submit FILE")
         return
@@ -144,7 +144,7 @@ def job_detail(store: Reads, job_id: str, as_json: bool) -> None:
     ]
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
-        click.echo(f"{key:<{width}}  {value}")
+        output.echo(f"{key:<{width}}  {value}")
 
 
 def _secs(v: float | None) -> str:

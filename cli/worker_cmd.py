@@ -55,8 +55,11 @@ def worker_cmd(model, drain, batch_size, dtype, max_context, force, grace, trust
     from worker.loader import LoadOptions
     from worker.service import Worker, WorkerOptions
 
+    from worker import registry
+
+    # Jobs store a model folder as an absolute path (registry.reference): match it so.
     options = WorkerOptions(
-        serves=model, drain=drain, grace_seconds=grace, prefix_cache=prefix_cache,
+        serves=(registry.reference(model) or model) if model else None, drain=drain, grace_seconds=grace, prefix_cache=prefix_cache,
         max_attempts=max_attempts,
         load=LoadOptions(dtype=None if dtype == "auto" else dtype, batch_size=batch_size,
                          max_context=max_context, force=force,

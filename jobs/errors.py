@@ -27,5 +27,9 @@ class ModelError(NightshiftError):
     """A model cannot be found, imported, converted or loaded."""
 
 
+class ConfigError(NightshiftError):
+    """A setting (flag or environment variable) this installation cannot use."""
+
+
 class ResourceError(NightshiftError):
     """The machine cannot hold what was asked (memory, disk)."""

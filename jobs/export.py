@@ -9,8 +9,9 @@ from __future__ import annotations
 import csv
 import io
 import os
+import secrets
+import stat
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -21,13 +22,18 @@ from jobs.errors import NightshiftError
 from jobs.reads import DONE
 
 if TYPE_CHECKING:  # the CLI imports this module for FORMATS: keep it light
-    from jobs.store import Store
+    from jobs.reads import Reads
 
 CSV_COLUMNS = [
     "line", "custom_id", "status", "response", "finish_reason", "prompt_tokens",
     "cached_tokens", "completion_tokens", "queued_at", "started_at", "first_token_at",
     "finished_at", "ttft_s", "prompt_tps", "generation_tps", "attempts", "error", "metadata",
 ]
+# Columns holding text from a user or a model; the others are numbers.
+CSV_TEXT_COLUMNS = ("custom_id", "status", "response", "finish_reason", "error", "metadata")
+# A cell starting with one of these is run as a formula by Excel, LibreOffice and Google
+# Sheets ("CSV injection"): a model's answer could fetch URLs or run commands there.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def _timings(row, queued_at: float) -> dict:
@@ -73,28 +79,48 @@ def batch_record(row, job) -> dict:
     return record
 
 
-def iter_jsonl(store: Store, job_id: str) -> Iterator[bytes]:
+def iter_jsonl(store: Reads, job_id: str) -> Iterator[bytes]:
     """Export lines (bytes, newline-terminated), one per request in input order."""
     job = store.job(job_id)
     for row in store.iter_requests(job_id):
         yield orjson.dumps(batch_record(row, job)) + b"\n"
 
 
-def iter_csv(store: Store, job_id: str) -> Iterator[bytes]:
-    """CSV rows (bytes), a header first, one row per request in input order."""
+def csv_header() -> bytes:
+    """The CSV header line, which goes before ``iter_csv``'s rows."""
+    buf = io.StringIO()
+    csv.writer(buf).writerow(CSV_COLUMNS)
+    return buf.getvalue().encode()
+
+
+def neutralise(cell: str | None) -> str | None:
+    """A text cell a spreadsheet shows as text: one that would start a formula gets a
+    leading single quote (OWASP's advice for CSV injection)."""
+    return "'" + cell if cell and cell.startswith(FORMULA_START) else cell
+
+
+def iter_csv(store: Reads, job_id: str, *, raw_cells: bool = False) -> Iterator[bytes]:
+    """CSV rows (bytes), one per request in input order; ``csv_header()`` goes first.
+
+    Text cells that a spreadsheet would run as a formula are neutralised (see
+    ``neutralise``) unless ``raw_cells``; numbers are written as they are.
+    """
     job = store.job(job_id)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
-    writer.writeheader()
     for row in store.iter_requests(job_id):
-        writer.writerow({
+        record = {
             "line": row.line_no, "custom_id": row.custom_id, "status": row.status,
             "response": row.response, "finish_reason": row.finish_reason,
             "prompt_tokens": row.prompt_tokens, "cached_tokens": row.cached_tokens,
             "completion_tokens": row.completion_tokens, "attempts": row.attempts,
             "error": row.error, "metadata": row.metadata,
             **_timings(row, job.created_at),
-        })
+        }
+        if not raw_cells:
+            for column in CSV_TEXT_COLUMNS:
+                record[column] = neutralise(record[column])
+        writer.writerow(record)
         yield buf.getvalue().encode()
         buf.seek(0)
         buf.truncate()
@@ -103,35 +129,73 @@ def iter_csv(store: Store, job_id: str) -> Iterator[bytes]:
 FORMATS = {"jsonl": iter_jsonl, "csv": iter_csv}
 
 
-def export(store: Store, job_id: str, fmt: str, out: str | None, *, force: bool = False,
-           stdout: BinaryIO | None = None) -> int:
+def export(store: Reads, job_id: str, fmt: str, out: str | None, *, force: bool = False,
+           stdout: BinaryIO | None = None, raw_cells: bool = False) -> int:
     """Write a job's export to ``out`` (atomically; never over a file unless forced)
-    or to ``stdout``. Returns the number of records.
+    or to ``stdout``. Returns the number of records. ``raw_cells``: see ``iter_csv``.
 
     Raises:
-        NightshiftError: ``out`` exists and ``force`` is not set.
+        NightshiftError: ``out`` exists (a dangling link included) and ``force`` is not
+            set; its folder does not exist or cannot be written.
         NotFound: no such job.
     """
-    rows = FORMATS[fmt](store, job_id)
-    count = -1 if fmt == "csv" else 0  # the CSV header is not a record
+    store.job(job_id)  # NotFound before anything is written
+    if fmt == "csv":  # the header is not a record
+        header, rows = csv_header(), iter_csv(store, job_id, raw_cells=raw_cells)
+    else:
+        header, rows = b"", FORMATS[fmt](store, job_id)
+    count = 0
     if out is None:
         sink = stdout or sys.stdout.buffer
-        for chunk in rows:
-            sink.write(chunk)
+        sink.write(header)
+        for record in rows:
+            sink.write(record)
             count += 1
         sink.flush()
-        return max(count, 0)
+        return count
     path = Path(out)
-    if path.exists() and not force:
-        raise NightshiftError(f"{path} exists: pass --force to overwrite it, or choose another -o")
-    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".part")
+    fd, tmp = _open_temporary(path, force)
     try:
         with os.fdopen(fd, "wb") as f:
-            for chunk in rows:
-                f.write(chunk)
+            f.write(header)
+            for record in rows:
+                f.write(record)
                 count += 1
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    return max(count, 0)
+    return count
+
+
+def _open_temporary(path: Path, force: bool) -> tuple[int, Path]:
+    """A new file beside ``path`` to write the export into, then rename over ``path``.
+
+    It gets the permissions ``open(path, "w")`` would give: those of the file it
+    replaces, else 0666 less the umask (mkstemp's 0600 would hide results from a
+    group that reads them). Raises NightshiftError as ``export`` says.
+    """
+    try:
+        existing = path.lstat()  # the link itself: a dangling link exists too
+    except FileNotFoundError:
+        existing = None
+    if existing is not None and not force:
+        raise NightshiftError(f"{path} exists: pass --force to overwrite it, or choose another -o")
+    folder = path.parent
+    if not folder.is_dir():
+        raise NightshiftError(f"cannot write {path}: folder {folder} does not exist"
+                              if not folder.exists() else
+                              f"cannot write {path}: {folder} is not a folder")
+    while True:
+        tmp = folder / f".{path.name}.{secrets.token_hex(4)}.part"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise NightshiftError(f"cannot write {path}: {e.strerror}") from e
+        break
+    # A replaced regular file keeps its mode; a replaced link does not lend its target's.
+    if existing is not None and stat.S_ISREG(existing.st_mode):
+        os.fchmod(fd, stat.S_IMODE(existing.st_mode))
+    return fd, tmp

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
 from jobs import migrations, settings
-from jobs.errors import NotFound
+from jobs.errors import NightshiftError, NotFound
 from jobs.hosts import host_id, pid_alive
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
@@ -193,6 +194,25 @@ class Reads:
                           {"job": job_id, "k": offset})
         return rows[0]["t"] if rows else None
 
+    def iter_requests(self, job_id: str, page: int = 1000) -> Iterator[SimpleNamespace]:
+        """Every request row of a job in input order (its columns as attributes), read
+        in pages: constant memory for any size of job.
+
+        Raises:
+            NotFound: no such job.
+        """
+        self.job(job_id)
+        last = -1
+        while True:
+            rows = self._rows("SELECT * FROM requests WHERE job_id = :job AND seq > :last "
+                              "ORDER BY seq LIMIT :page",
+                              {"job": job_id, "last": last, "page": page})
+            if not rows:
+                return
+            for row in rows:
+                yield SimpleNamespace(**row)
+            last = rows[-1]["seq"]
+
     def models_waiting(self) -> dict[str, int]:
         """Queued request counts by model, over jobs that are not cancelled."""
         rows = self._rows("SELECT model, SUM(n_queued) AS n FROM jobs WHERE n_queued > 0 "
@@ -218,11 +238,14 @@ class Reads:
 
 
 class SqliteReads(Reads):
-    """The reads straight on a SQLite file, through the standard library's driver."""
+    """The reads straight on a SQLite file, through the standard library's driver.
+
+    Raises:
+        NightshiftError: the file cannot be read (see ``_connect``).
+    """
 
     def __init__(self, path: Path):
-        # No BEGIN IMMEDIATE, no write: in WAL mode this never waits for a writer.
-        self.conn = sqlite3.connect(path, timeout=60, isolation_level=None)
+        self.conn = _connect(path)
         self.conn.row_factory = sqlite3.Row
 
     def close(self) -> None:
@@ -239,6 +262,36 @@ class SqliteReads(Reads):
         return [dict(r) for r in self.conn.execute(sql, params or {})]
 
 
+def _connect(path: Path) -> sqlite3.Connection:
+    """A connection that reads ``path``, also where nothing may be written (a read-only
+    home, folder or file system).
+
+    Reading a WAL database needs its ``-shm`` index beside it, which SQLite cannot create
+    in a read-only folder. Without a ``-wal`` file no connection has the database open
+    (the last one to close removes it), so the file alone holds every commit, and it is
+    opened as immutable: read without the index or locks. A writer that starts during the
+    read is not seen: a status or export of that moment.
+    """
+    # No BEGIN IMMEDIATE, no write: in WAL mode this never waits for a writer.
+    conn = sqlite3.connect(path, timeout=60, isolation_level=None)
+    try:
+        conn.execute("SELECT 1 FROM sqlite_master LIMIT 1")
+        return conn
+    except sqlite3.OperationalError as e:
+        conn.close()
+        error = e
+    if not path.with_name(path.name + "-wal").exists():
+        uri = path.absolute().as_uri() + "?mode=ro&immutable=1"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+        try:
+            conn.execute("SELECT 1 FROM sqlite_master LIMIT 1")
+            return conn
+        except sqlite3.OperationalError:
+            conn.close()
+    raise NightshiftError(f"cannot read the database {path}: {error} (reading it needs its "
+                          "folder writable while a nightshift process has it open)") from error
+
+
 def sqlite_file(url: str) -> Path | None:
     """The file of a plain ``sqlite:///PATH`` URL; None for anything else (another
     database, in-memory, URL options)."""
@@ -251,7 +304,12 @@ def sqlite_file(url: str) -> Path | None:
 
 def open_reads(url: str | None = None) -> Reads:
     """The reads for the results database: sqlite3 on an existing, fully migrated SQLite
-    file; otherwise a Store (which creates or migrates the database first)."""
+    file (which need not be writable); otherwise a Store (which creates or migrates the
+    database first).
+
+    Raises:
+        NightshiftError: the SQLite file cannot be read, or created or migrated.
+    """
     url = url or settings.database_url()
     path = sqlite_file(url)
     if path is not None and path.is_file():
@@ -259,9 +317,19 @@ def open_reads(url: str | None = None) -> Reads:
         if reads.migrated():
             return reads
         reads.close()
+    from sqlalchemy.exc import OperationalError
+
     from jobs.store import Store
 
-    return Store(url)
+    try:
+        return Store(url)
+    except OperationalError as e:
+        if path is None:
+            raise
+        raise NightshiftError(
+            f"cannot {'upgrade' if path.is_file() else 'create'} the database {path} "
+            f"({e.orig}): run nightshift once where it can write there, or choose another "
+            f"--home / {settings.HOME_ENV}") from e
 
 
 __all__ = ["Reads", "SqliteReads", "JobSummary", "open_reads", "sqlite_file", "db_now_sql",

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from jobs.errors import ConfigError
+
 HOME_ENV = "NIGHTSHIFT_HOME"
 DATABASE_URL_ENV = "NIGHTSHIFT_DATABASE_URL"
 QUEUE_URL_ENV = "NIGHTSHIFT_QUEUE_URL"
@@ -23,6 +25,8 @@ DEFAULT_TOP_P = 1.0
 # tasks, small enough that a higher-priority job gets in quickly and several
 # workers can share one big job.
 CHUNK_SIZE = 512
+# Job priorities: what the jobs.priority column holds (INTEGER, 32 bits on PostgreSQL).
+PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1
 # A worker whose heartbeat is older than this is taken as gone.
 HEARTBEAT_SECONDS = 5.0
 HEARTBEAT_STALE_SECONDS = 30.0
@@ -32,9 +36,17 @@ DEFAULT_MAX_ATTEMPTS = 3
 
 
 def home() -> Path:
-    """The data directory (``NIGHTSHIFT_HOME``, default ``./data``), created on demand."""
+    """The data directory (``NIGHTSHIFT_HOME``, default ``./data``), created on demand.
+
+    Raises:
+        ConfigError: it does not exist and cannot be created.
+    """
     path = Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the data directory {path} ({e.strerror}): choose "
+                          f"another with --home / {HOME_ENV}") from e
     return path
 
 

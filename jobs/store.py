@@ -32,10 +32,10 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
 from jobs import hosts, migrations, schema, settings
-from jobs.errors import InputError
+from jobs.errors import ConfigError, InputError
 from jobs.formats import Params
 from jobs.reads import (
     CANCELLED,
@@ -563,24 +563,6 @@ class Store(Reads):
         with self.read() as conn:
             return json.loads(_job_row(conn, job_id).defaults)
 
-    def iter_requests(self, job_id: str, page: int = 1000) -> Iterator:
-        """Every request row of a job in input order, read in pages (constant memory)."""
-        with self.read() as conn:
-            _job_row(conn, job_id)
-        last = -1
-        while True:
-            with self.read() as conn:
-                rows = conn.execute(
-                    select(requests)
-                    .where(requests.c.job_id == job_id, requests.c.seq > last)
-                    .order_by(requests.c.seq)
-                    .limit(page)
-                ).all()
-            if not rows:
-                return
-            yield from rows
-            last = rows[-1].seq
-
     @_retrying
     def has_runnable(self, model: str | None = None, now: float | None = None) -> bool:
         """Whether any queued request could start now (of ``model``'s jobs)."""
@@ -629,8 +611,25 @@ class Store(Reads):
 
 def _make_engine(url: str) -> Engine:
     if not url.startswith("sqlite"):
-        engine = create_engine(url, pool_pre_ping=True)
-        return engine
+        # The driver is imported here, not on connecting: name the extra that installs it.
+        # The URL is not quoted: it may hold a password.
+        where = f"--database-url / {settings.DATABASE_URL_ENV}"
+        try:
+            return create_engine(url, pool_pre_ping=True)
+        except ImportError as e:
+            if url.startswith("postgres"):
+                # The extra installs psycopg (3), the driver SQLAlchemy 2.1 picks for
+                # postgresql://; 2.0 and postgresql+psycopg2:// ask for psycopg2.
+                fix = "pip install 'nightshift[postgres]'"
+                if e.name == "psycopg2":
+                    fix += " and write the URL as postgresql+psycopg://..."
+                raise ConfigError(f"{where} is a PostgreSQL URL, but its driver "
+                                  f"({e.name or e}) is not installed: {fix}") from e
+            raise ConfigError(f"{where}: its database driver ({e.name or e}) is not "
+                              "installed: pip install it") from e
+        except ArgumentError as e:
+            raise ConfigError(f"{where} is not a database URL SQLAlchemy can use: {e} "
+                              "(e.g. postgresql://user@host/db)") from e
     engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
 
     @event.listens_for(engine, "connect")

@@ -98,9 +98,11 @@ class _ModelFromLines:
                     continue
             yield spec
 
-    def model(self, model_exists: Callable[[str], bool]) -> str:
+    def model(self, model_reference: Callable[[str], str | None]) -> str:
+        """The model's reference to store (see ``submit``); InputError if unknown."""
         model = self.flag or self.named or settings.default_model()
-        if not model_exists(model):
+        found = model_reference(model)
+        if found is None:
             where = (f"named by body.model on {self.source}:{self.first_line}"
                      if not self.flag and self.named else "")
             hint = "pass --model with an installed one" if where else "pull or import it first"
@@ -108,7 +110,7 @@ class _ModelFromLines:
                 f"unknown model {model!r} {where}".rstrip() + f": {hint} "
                 "(nightshift models list; nightshift models pull smollm2)"
             ])
-        return model
+        return found
 
 
 def submit(
@@ -116,9 +118,12 @@ def submit(
     stream: BinaryIO,
     source: str,
     options: JobOptions,
-    model_exists: Callable[[str], bool],
+    model_reference: Callable[[str], str | None],
 ) -> tuple[str, int]:
     """Check and store a whole file as one job; returns (job id, request count).
+
+    ``model_reference`` turns the model a user named into what the job stores (a
+    folder as an absolute path: see ``worker.registry.reference``), None if unknown.
 
     Raises:
         InputError: bad lines (``FILE:LINE: reason``), an empty file or an unknown
@@ -129,7 +134,7 @@ def submit(
     with _read_at_disk_speed(stream) as stream:
         specs = chooser.check(iter_requests(stream, source, raw_default=options.raw))
         return store.create_job(
-            model=lambda: chooser.model(model_exists),
+            model=lambda: chooser.model(model_reference),
             defaults=options.defaults(),
             specs=specs,
             name=options.name,

@@ -18,7 +18,7 @@ from worker.queue import Queue
 def job(store, n, **kw):
     data = io.BytesIO("".join(json.dumps({"prompt": f"q{i}", "custom_id": f"c{i}"}) + "\n"
                               for i in range(n)).encode())
-    return submit(store, data, "f.jsonl", JobOptions(model="m", **kw), lambda m: True)[0]
+    return submit(store, data, "f.jsonl", JobOptions(model="m", **kw), lambda m: m)[0]
 
 
 def test_store_lifecycle_on_each_database(store):
@@ -48,7 +48,7 @@ def test_store_lifecycle_on_each_database(store):
 def test_whole_or_nothing_on_each_database(store):
     bad = io.BytesIO(b'{"prompt": "fine"}\n{"prompt": 3}\n')
     with pytest.raises(Exception, match="f.jsonl:2"):
-        submit(store, bad, "f.jsonl", JobOptions(model="m"), lambda m: True)
+        submit(store, bad, "f.jsonl", JobOptions(model="m"), lambda m: m)
     assert store.list_jobs() == []
 
 

@@ -8,6 +8,7 @@ import math
 import struct
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,73 @@ def test_registry_import_does_not_load_mlx():
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "False"
+
+
+def test_reference_makes_a_folder_absolute_and_keeps_names(tmp_path, monkeypatch):
+    float_model()
+    folder = fake_model(tmp_path / "here", {"w": ("F32", (2,))})
+    monkeypatch.chdir(tmp_path)
+    assert registry.reference("./here") == str(folder.resolve())
+    assert registry.reference("TINY") == "TINY" and registry.reference("org/name") == "org/name"
+    assert registry.reference("nope") is None
+
+
+_KILLED_MIDWAY = """
+import os, shutil, sys, types
+
+def killed(*args, **kwargs):
+    os.kill(os.getpid(), 9)
+
+def build(gguf, target):
+    target.mkdir()
+    killed()
+
+sys.modules["worker.gguf"] = types.SimpleNamespace(import_gguf=build)  # no mlx
+from worker import registry
+
+def rmtree(path, *args, rmtree=shutil.rmtree, **kwargs):
+    if os.path.basename(path).startswith(".removing-"):  # the model, once renamed away
+        killed()
+    rmtree(path, *args, **kwargs)
+
+if sys.argv[1] == "pull":
+    registry.import_gguf("model.gguf", "half")
+else:
+    shutil.rmtree = rmtree
+    registry.remove("doomed")
+"""
+
+
+def test_a_kill_during_install_or_rm_leaves_nothing_once_the_registry_is_used():
+    float_model("keep")
+    float_model("doomed")
+    root = Path(__file__).resolve().parents[1]
+    for command in ("pull", "rm"):  # each sweeps what the one before left
+        proc = subprocess.run([sys.executable, "-c", _KILLED_MIDWAY, command], cwd=root,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == -9, proc.stderr
+        hidden = [p for p in settings.models_dir().iterdir() if p.name.startswith(".")]
+        assert len(hidden) == 1, hidden  # the staging folder, then the half-deleted model
+    assert [m.name for m in registry.list_models()] == ["keep"]
+    assert [p.name for p in settings.models_dir().iterdir()] == ["keep"]
+
+
+def test_an_install_in_progress_is_not_swept(monkeypatch):
+    seen = []
+
+    def build(gguf, target):
+        target.mkdir()
+        (target / "config.json").write_text("{}")
+        registry.list_models()  # as another command would, meanwhile
+        seen.append(target.is_dir())
+
+    monkeypatch.setitem(sys.modules, "worker.gguf", types.SimpleNamespace(import_gguf=build))
+    assert registry.import_gguf("model.gguf", "fresh").name == "fresh"
+    assert seen == [True]
+
+
+def test_remove_a_linked_model_deletes_the_link_not_its_target(tmp_path):
+    real = fake_model(tmp_path / "real", {"w": ("F32", (2,))})
+    (settings.models_dir() / "linked").symlink_to(real, target_is_directory=True)
+    registry.remove("linked")
+    assert list(settings.models_dir().iterdir()) == [] and (real / "config.json").is_file()

@@ -23,7 +23,7 @@ def lines(*objs) -> io.BytesIO:
 def make_job(store, n=3, model="m", **kw):
     opts = JobOptions(model=model, **kw)
     return submit(store, lines(*[{"prompt": f"q{i}", "custom_id": f"c{i}"} for i in range(n)]),
-                  "in.jsonl", opts, lambda m: True)
+                  "in.jsonl", opts, lambda m: m)
 
 
 def test_submit_stores_job_and_requests(home):
@@ -43,7 +43,7 @@ def test_bad_file_stores_nothing(home):
     store = Store()
     data = lines({"prompt": "ok"}, {"prompt": ""}, {"nope": 1})
     with pytest.raises(InputError) as err:
-        submit(store, data, "bad.jsonl", JobOptions(model="m"), lambda m: True)
+        submit(store, data, "bad.jsonl", JobOptions(model="m"), lambda m: m)
     assert err.value.problems[0].startswith("bad.jsonl:2: ")
     assert err.value.problems[1].startswith("bad.jsonl:3: ")
     assert store.list_jobs() == []
@@ -51,13 +51,13 @@ def test_bad_file_stores_nothing(home):
 
 def test_empty_file_is_an_error(home):
     with pytest.raises(InputError, match="no requests"):
-        submit(Store(), io.BytesIO(b"\n  \n"), "e.jsonl", JobOptions(model="m"), lambda m: True)
+        submit(Store(), io.BytesIO(b"\n  \n"), "e.jsonl", JobOptions(model="m"), lambda m: m)
 
 
 def test_unknown_model_is_an_error_and_stores_nothing(home):
     store = Store()
     with pytest.raises(InputError, match="unknown model 'nope'"):
-        submit(store, lines({"prompt": "x"}), "f", JobOptions(model="nope"), lambda m: False)
+        submit(store, lines({"prompt": "x"}), "f", JobOptions(model="nope"), lambda m: None)
     assert store.list_jobs() == []
 
 
@@ -65,11 +65,11 @@ def test_model_from_openai_lines(home):
     store = Store()
     body = {"messages": [{"role": "user", "content": "hi"}], "model": "tiny"}
     line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": body}
-    job_id, _ = submit(store, lines(line), "f", JobOptions(), lambda m: m == "tiny")
+    job_id, _ = submit(store, lines(line), "f", JobOptions(), lambda m: m if m == "tiny" else None)
     assert store.job(job_id).model == "tiny"
     other = dict(line, custom_id="b", body=dict(body, model="other"))
     with pytest.raises(InputError, match="differs from 'tiny' on line 1"):
-        submit(store, lines(line, other), "f", JobOptions(), lambda m: True)
+        submit(store, lines(line, other), "f", JobOptions(), lambda m: m)
 
 
 def test_claim_is_exclusive_and_finish_is_once(home):
@@ -96,7 +96,7 @@ def test_params_merge_job_defaults_with_line_overrides(home):
     from jobs.formats import Params
 
     job_id, _ = submit(store, data, "f", JobOptions(model="m", params=Params(max_tokens=99),
-                                                    system="be brief"), lambda m: True)
+                                                    system="be brief"), lambda m: m)
     a, b = store.claim(store.chunks(job_id)[0], "w", 10)
     assert a.params["max_tokens"] == 99 and a.params["temperature"] == 0.0
     assert b.params["max_tokens"] == 7 and b.params["temperature"] == 0.5

@@ -19,6 +19,7 @@ from huey.registry import Message
 from huey.serializer import Serializer
 
 from jobs import settings
+from jobs.errors import ConfigError
 from jobs.store import Chunk
 
 TASK_NAME = "run_chunk"
@@ -60,10 +61,20 @@ class JSONSerializer(Serializer):
 
 
 def make_huey(url: str | None = None) -> Huey:
-    """The Huey instance for a queue URL: a SQLite file (default) or ``redis://``."""
+    """The Huey instance for a queue URL: a SQLite file (default) or ``redis://``.
+
+    Raises:
+        ConfigError: a Redis URL without the redis package installed.
+    """
     url = url or settings.queue_url()
     common = {"results": False, "serializer": JSONSerializer(), "utc": True}
     if url.startswith(("redis://", "rediss://", "unix://")):
+        try:
+            import redis  # noqa: F401  (an optional extra; Huey's own message names no fix)
+        except ImportError as e:
+            raise ConfigError(
+                f"--queue-url / {settings.QUEUE_URL_ENV} is a Redis URL, but the redis "
+                "package is not installed: pip install 'nightshift[redis]'") from e
         # Plain RedisHuey has no priorities; the priority variant does.
         return PriorityRedisHuey(QUEUE_NAME, url=url, **common)
     path = url.removeprefix("sqlite:///").removeprefix("sqlite://")

@@ -3,7 +3,9 @@
 Each folder is an mlx-lm model (``config.json``, safetensors, tokenizer) plus a
 ``nightshift.json`` saying where it came from. This module never imports mlx: the CLI
 lists and checks models without paying for it. Installs are built in a staging folder
-and renamed into place, so the registry never shows half a model.
+and renamed into place, and removals renamed away before they are deleted, so the
+registry never shows half a model; what a killed command leaves behind is swept away
+the next time the registry is listed or changed.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import math
 import os
 import re
 import shutil
+import socket
 import struct
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -24,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from jobs import settings
 from jobs.errors import ModelError, NotFound
+from jobs.reads import pid_alive
 
 if TYPE_CHECKING:
     from worker.convert import ConvertOptions
@@ -37,6 +42,13 @@ HF_PATTERNS = ["*.json", "*.safetensors", "*.py", "*.txt", "*.jinja", "*.model",
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Work folders: ".staging-PID@HOST@..." (an install being built) and
+# ".removing-PID@HOST@NAME" (a model being deleted), named by the process that made them.
+_SCRATCH = re.compile(r"^\.(?:staging|removing)-(\d+)@([^@]*)@")
+_SCRATCH_KINDS = (".staging-", ".removing-")
+# A work folder named before names carried a pid is left this long (a conversion takes
+# hours) before it is taken as abandoned.
+OLD_SCRATCH_SECONDS = 2 * 24 * 3600
 _HINT = "see `nightshift models list`; `nightshift models pull smollm2` installs the default model"
 
 
@@ -60,6 +72,7 @@ class ModelInfo:
 def list_models() -> list[ModelInfo]:
     """Every model in the registry, sorted by name."""
     root = settings.models_dir()
+    _sweep(root)
     return [
         _info(p)
         for p in sorted(root.iterdir())
@@ -104,13 +117,22 @@ def resolve(name_or_path: str) -> str:
     raise NotFound(_missing_message(name_or_path))
 
 
+def reference(name: str) -> str | None:
+    """How a job records the model ``name``: a registry name or repo id as given, a
+    local folder as its absolute path (the worker may start in another folder). None
+    when ``resolve`` does not accept ``name``. No network, no mlx: cheap at submit time.
+    """
+    if _installed(name) is not None:
+        return name
+    try:
+        return resolve(name)
+    except NotFound:
+        return None
+
+
 def is_known(name: str) -> bool:
     """Cheap check at submit time: does ``resolve`` accept ``name``? No network, no mlx."""
-    try:
-        resolve(name)
-    except NotFound:
-        return False
-    return True
+    return reference(name) is not None
 
 
 def model_context_length(path: str | Path) -> int | None:
@@ -206,11 +228,12 @@ def remove(name: str) -> None:
     path = _installed(name)
     if path is None:
         raise NotFound(_missing_message(name))
-    # Rename first: a crash halfway through the delete leaves a hidden folder, not a
-    # broken model in the list.
-    doomed = path.with_name(f".removing-{path.name}-{os.getpid()}")
+    _sweep(path.parent)
+    # Rename first: a kill halfway through the delete leaves a hidden folder, swept
+    # later, not a broken model in the list.
+    doomed = path.with_name(_scratch_prefix("removing") + path.name)
     os.rename(path, doomed)
-    shutil.rmtree(doomed)
+    _delete(doomed, best_effort=False)
 
 
 # -- internals ---------------------------------------------------------------------
@@ -222,6 +245,38 @@ def _installed(name: str) -> Path | None:
         return None
     path = settings.models_dir() / key
     return path if (path / "config.json").is_file() else None
+
+
+def _scratch_prefix(kind: str) -> str:
+    """The start of a work folder's name: ``kind``, this process and this host."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())
+    return f".{kind}-{os.getpid()}@{host}@"
+
+
+def _sweep(root: Path) -> None:
+    """Delete the work folders of installs and removals whose process is gone (killed
+    during `models pull`, `convert` or `rm`). Another host's are left to it: its
+    processes cannot be seen from here (a registry on a shared disk)."""
+    host = _scratch_prefix("x").split("@")[1]
+    for path in root.iterdir():
+        if not path.name.startswith(_SCRATCH_KINDS):
+            continue
+        if match := _SCRATCH.match(path.name):
+            abandoned = match[2] == host and not pid_alive(int(match[1]))
+        else:  # named by an older nightshift, without its pid
+            abandoned = time.time() - path.lstat().st_mtime > OLD_SCRATCH_SECONDS
+        if abandoned:
+            _delete(path, best_effort=True)
+
+
+def _delete(path: Path, best_effort: bool) -> None:
+    """Delete a work folder; a registry entry that is a link loses the link, not its
+    target. ``best_effort`` (sweeping): what cannot be deleted stays hidden, and is
+    tried again next time."""
+    if path.is_symlink():
+        path.unlink(missing_ok=best_effort)
+    else:
+        shutil.rmtree(path, ignore_errors=best_effort)
 
 
 def _missing_message(name: str) -> str:
@@ -256,7 +311,8 @@ def _install(name: str, build: Callable[[Path], None], source: str, kind: str,
     """
     dest = _check_new_name(name)
     root = settings.models_dir()
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
+    _sweep(root)
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=_scratch_prefix("staging")))
     try:
         target = staging / name
         build(target)
