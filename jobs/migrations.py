@@ -54,7 +54,23 @@ def m002_job_counts(conn: Connection) -> None:
     conn.execute(CreateIndex(schema.done_ttft_index, if_not_exists=True))
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [m001_initial, m002_job_counts]
+def m004_submitting(conn: Connection) -> None:
+    """Who is storing a job and when it last stored a batch (``jobs.submitter``,
+    ``jobs.submit_touched_at``): a job is stored in short transactions, hidden until
+    whole, and one left half-stored by a killed submit is found and removed."""
+    from sqlalchemy import inspect, text
+
+    from jobs import schema
+
+    have = {c["name"] for c in inspect(conn).get_columns("jobs")}
+    for column in schema.SUBMIT_COLUMNS:
+        if column.name not in have:
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.execute(text(f"ALTER TABLE jobs ADD COLUMN {column.name} {kind}"))
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [m001_initial, m002_job_counts,
+                                                  m004_submitting]
 
 
 def names() -> list[str]:

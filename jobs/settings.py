@@ -26,6 +26,11 @@ CHUNK_SIZE = 512
 # A worker whose heartbeat is older than this is taken as gone.
 HEARTBEAT_SECONDS = 5.0
 HEARTBEAT_STALE_SECONDS = 30.0
+# A job still being stored whose submitter has stored no batch for this long is taken
+# as abandoned and removed, even when its process cannot be checked (another host, or
+# its pid reused). A live submit stores a batch every ~0.1 s; a pipe is read to its end
+# before the first one.
+SUBMIT_STALE_SECONDS = 3600.0
 
 
 def home() -> Path:

@@ -20,6 +20,9 @@ from jobs.formats import LineError, Params, RequestSpec, iter_requests, validate
 if TYPE_CHECKING:
     from jobs.store import Store
 
+# Bad lines listed in an error report; the rest are counted ("... and N more").
+MAX_REPORTED_PROBLEMS = 50
+
 
 @dataclass
 class JobOptions:
@@ -111,6 +114,37 @@ class _ModelFromLines:
         return model
 
 
+class _Problems:
+    """A file's bad lines: the first MAX_REPORTED_PROBLEMS as ``FILE:LINE: reason``, and
+    how many in all."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.reported: list[str] = []
+        self.bad = 0
+
+    def good(self, specs: Iterator[RequestSpec | LineError]) -> Iterator[RequestSpec]:
+        """The good lines up to the first bad one; every line is read and checked.
+
+        Raises:
+            InputError: once every line was read, if any was bad or there were none.
+        """
+        count = 0
+        for spec in specs:
+            if isinstance(spec, LineError):
+                self.bad += 1
+                if len(self.reported) < MAX_REPORTED_PROBLEMS:
+                    self.reported.append(str(spec))
+            elif not self.bad:  # after a bad line, only check the rest
+                count += 1
+                yield spec
+        if not self.bad and count == 0:
+            self.reported.append(f"{self.source}: no requests (the file is empty or blank)")
+            self.bad = 1
+        if self.bad:
+            raise InputError(self.reported, more=self.bad - len(self.reported))
+
+
 def submit(
     store: Store,
     stream: BinaryIO,
@@ -120,18 +154,21 @@ def submit(
 ) -> tuple[str, int]:
     """Check and store a whole file as one job; returns (job id, request count).
 
+    Partial jobs left by submits that were killed are removed first.
+
     Raises:
         InputError: bad lines (``FILE:LINE: reason``), an empty file or an unknown
             model. Nothing is stored then.
     """
     validate_params(options.params, "job settings")
+    store.remove_abandoned_jobs()
     chooser = _ModelFromLines(source, options.model)
     with _read_at_disk_speed(stream) as stream:
         specs = chooser.check(iter_requests(stream, source, raw_default=options.raw))
         return store.create_job(
             model=lambda: chooser.model(model_exists),
             defaults=options.defaults(),
-            specs=specs,
+            specs=_Problems(source).good(specs),
             name=options.name,
             source=source,
             priority=options.priority,
@@ -143,12 +180,12 @@ def submit(
 def _read_at_disk_speed(stream: BinaryIO) -> Iterator[BinaryIO]:
     """The stream, or for a pipe, socket or terminal a temporary copy of all of it.
 
-    The job is stored in one write transaction that reads the lines as it goes. Fed
-    by a slow producer (``generate | nightshift submit -``), that transaction would
-    hold the database's write lock for as long as the producer runs, and the
-    worker's result writes would fail once the busy timeout is over. A regular file
-    (or one in memory) is read as fast as it is parsed; anything else is copied
-    first, unlocked, to a file in NIGHTSHIFT_HOME that is gone when closed.
+    The job is stored batch by batch as the lines are read, and is partial (rows to
+    remove if anything fails) until the last one. Fed by a slow producer (``generate |
+    nightshift submit -``), it would stay partial for as long as the producer runs,
+    and one that stores nothing for SUBMIT_STALE_SECONDS is taken as abandoned. A
+    regular file (or one in memory) is read as fast as it is parsed; anything else is
+    copied first to a file in NIGHTSHIFT_HOME that is gone when closed.
     """
     try:
         regular = stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
