@@ -51,7 +51,8 @@ def parse_at(text: str, now: dt.datetime | None = None) -> float:
     (local time unless it names a zone). Returns a Unix timestamp.
 
     Raises:
-        ValueError: neither form, with what is accepted.
+        ValueError: neither form, with what is accepted; or a time later than the queue
+            can schedule (settings.LATEST_START).
     """
     now = now or dt.datetime.now().astimezone()
     for fmt in ("%H:%M", "%H:%M:%S"):
@@ -70,9 +71,18 @@ def parse_at(text: str, now: dt.datetime | None = None) -> float:
             f"--at {text!r}: give a time of day like 02:00 or a date-time like "
             "2026-12-01T02:00 (ISO 8601)"
         ) from None
-    if when.tzinfo is None:
-        when = when.astimezone()  # naive: the user's local time
-    return when.timestamp()
+    try:
+        if when.tzinfo is None:
+            when = when.astimezone()  # naive: the user's local time
+        timestamp = when.timestamp()
+    except (OverflowError, ValueError, OSError):  # the ends of year 1 and 9999
+        timestamp = None
+    if timestamp is None or timestamp > settings.LATEST_START:
+        raise ValueError(
+            f"--at {text!r}: beyond the times the queue can schedule (up to 9999-12-30 "
+            "UTC); give a nearer date-time"
+        )
+    return timestamp
 
 
 class _ModelFromLines:

@@ -96,8 +96,9 @@ class Queue:
         count = 0
         now = dt.datetime.now(dt.timezone.utc).timestamp()
         for chunk in chunks:
-            # Huey compares etas as naive UTC datetimes when utc=True.
-            start = max(chunk.not_before or 0, now + (delay or 0))
+            # Huey compares etas as naive UTC datetimes when utc=True; a datetime ends
+            # with year 9999 (`submit --at` refuses later times; older jobs may have one).
+            start = min(max(chunk.not_before or 0, now + (delay or 0)), settings.LATEST_START)
             eta = (dt.datetime.fromtimestamp(start, dt.timezone.utc).replace(tzinfo=None)
                    if start > now else None)
             kwargs = {"order": chunk.priority, "model": chunk.model}
