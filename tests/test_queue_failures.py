@@ -1,5 +1,6 @@
-"""The queue and the times it can hold: an --at it cannot schedule is refused before
-anything is stored; a job stored with one before is still queued."""
+"""The queue after the job is stored: whatever fails there, the job stays stored, the
+command says so and exits 0, and workers find the job in the database. A time the
+queue cannot schedule is refused before anything is stored."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import json
 
 import pytest
 
+from jobs import settings
 from jobs.store import Chunk, Store
-from worker.queue import Queue
+from worker.queue import Queue, enqueue_stored
 
 
 @pytest.fixture
@@ -20,6 +22,48 @@ def prompts(tmp_path):
 
 def stored_jobs() -> list:
     return Store().list_jobs()
+
+
+def test_a_queue_that_fails_after_the_commit_is_a_warning_and_the_job_still_runs(
+        invoke, prompts, tmp_path, monkeypatch):
+    monkeypatch.setenv(settings.QUEUE_URL_ENV, f"sqlite:///{tmp_path / 'no' / 'queue.db'}")
+    result = invoke("submit", prompts, "--model", "org/m", "--json")
+    out = json.loads(result.stdout)
+    job_id = out["id"]
+    assert (out["requests"], out["queue_tasks"]) == (3, 0)
+    assert job_id in out["warning"] and "do not submit it again" in out["warning"]
+    assert f"warning: job {job_id} is stored but could not be queued" in result.stderr
+    assert "Traceback" not in result.output
+    # What a worker's sweep of the database finds.
+    [chunk] = Store().runnable_chunks()
+    assert (chunk.job_id, chunk.lo, chunk.hi) == (job_id, 0, 2)
+
+    plain = invoke("submit", prompts, "--model", "org/m")
+    assert "stored 3 requests as job" in plain.stderr and "warning: job" in plain.stderr
+    assert len(stored_jobs()) == 2
+
+
+def test_an_interrupt_while_queueing_still_reports_the_stored_job(invoke, prompts, monkeypatch):
+    def interrupted(self, chunks, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Queue, "enqueue", interrupted)
+    out = json.loads(invoke("submit", prompts, "--model", "org/m", "--json").stdout)
+    assert (out["queue_tasks"], out["warning"].split(" (")[0]) == (
+        0, f"job {out['id']} is stored but could not be queued")
+    assert enqueue_stored(Store(), out["id"]) == (0, "interrupted")
+
+
+def test_retry_with_a_failing_queue_warns_and_the_requests_are_queued(
+        invoke, prompts, tmp_path, monkeypatch):
+    job_id = json.loads(invoke("submit", prompts, "--model", "org/m", "--json").stdout)["id"]
+    store = Store()
+    assert store.fail_model("org/m", "could not load") == 3
+    monkeypatch.setenv(settings.QUEUE_URL_ENV, f"sqlite:///{tmp_path / 'no' / 'queue.db'}")
+    result = invoke("retry", job_id, "--json")
+    out = json.loads(result.stdout)
+    assert out["requeued"] == 3 and job_id in out["warning"]
+    assert store.job(job_id).counts == {"queued": 3} and store.has_runnable()
 
 
 @pytest.mark.parametrize("at", ["9999-12-31T23:59-12:00", "9999-12-31T12:00",

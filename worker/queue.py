@@ -19,7 +19,7 @@ from huey.registry import Message
 from huey.serializer import Serializer
 
 from jobs import settings
-from jobs.store import Chunk
+from jobs.store import Chunk, Store
 
 TASK_NAME = "run_chunk"
 TASK_ID = f"{__name__}.{TASK_NAME}"  # how Huey names it in each message
@@ -116,3 +116,19 @@ class Queue:
 
     def scheduled(self) -> int:
         return self.huey.scheduled_count()
+
+
+def enqueue_stored(store: Store, job_id: str, url: str | None = None) -> tuple[int, str | None]:
+    """Queue the queued requests of a job already stored; returns (tasks, None), or
+    (0, why) when the queue could not take them.
+
+    Never raises: the job is committed in the database, the truth, and a worker's sweep
+    of the database finds it whatever happens here. An error would make the user submit
+    again, and every prompt would run twice.
+    """
+    try:
+        return Queue(url).enqueue(store.chunks(job_id)), None
+    except Exception as exc:  # any queue failure: the job runs anyway (see above)
+        return 0, f"{type(exc).__name__}: {exc}"
+    except KeyboardInterrupt:  # must not read as "not submitted": the job is stored
+        return 0, "interrupted"
