@@ -1,16 +1,18 @@
 """The queue after the job is stored: whatever fails there, the job stays stored, the
-command says so and exits 0, and workers find the job in the database. A time the
-queue cannot schedule is refused before anything is stored."""
+command says so and exits 0, and workers find the job in the database. A damaged
+SQLite queue file is set aside and rebuilt empty; a time the queue cannot schedule is
+refused before anything is stored."""
 
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import pytest
 
 from jobs import settings
 from jobs.store import Chunk, Store
-from worker.queue import Queue, enqueue_stored
+from worker.queue import Queue, enqueue_stored, make_huey
 
 
 @pytest.fixture
@@ -80,3 +82,53 @@ def test_an_existing_job_scheduled_past_year_9999_is_still_queued(home):
     assert queue.enqueue([Chunk("j", 0, 1, not_before=1e15, model="m")]) == 1
     [message] = queue.huey.storage.enqueued_items()
     assert json.loads(bytes(message))["eta"] == {"datetime": "9999-12-31T00:00:00"}
+
+
+def garbage(path) -> bytes:
+    data = b"this is not a database\n" * 300
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return data
+
+
+def test_a_damaged_queue_file_is_set_aside_by_submit(invoke, prompts, home, caplog):
+    data = garbage(home / "queue.db")
+    (home / "queue.db-wal").write_bytes(b"old log")
+    out = json.loads(invoke("submit", prompts, "--model", "org/m", "--json").stdout)
+    assert (out["queue_tasks"], out["warning"]) == (1, None)
+    [aside] = home.glob("queue.db.damaged-*[0-9]")
+    assert aside.read_bytes() == data
+    assert (home / f"{aside.name}-wal").read_bytes() == b"old log"
+    assert "is damaged" in caplog.text and aside.name in caplog.text
+    assert Queue().pending() == 1
+
+
+def test_a_worker_starts_on_a_damaged_queue(home):
+    from worker.service import Worker
+
+    garbage(home / "queue.db")
+    worker = Worker(Store())
+    assert worker.queue.pending() == 0
+    assert len(list(home.glob("queue.db.damaged-*[0-9]"))) == 1
+
+
+def test_a_queue_file_damaged_inside_is_set_aside(home):
+    path = home / "queue.db"
+    home.mkdir(parents=True, exist_ok=True)
+    queue = Queue()
+    queue.enqueue([Chunk(f"job{i}", 0, 511, model="m" * 200) for i in range(400)])
+    queue.huey.storage.close()
+    with sqlite3.connect(path) as conn:  # fold the log into the file
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    size = path.stat().st_size
+    with open(path, "r+b") as f:  # the middle pages, header intact
+        f.seek(size // 2)
+        f.write(b"\xff" * 8192)
+    huey = make_huey()
+    assert huey.pending_count() == 0
+    assert len(list(home.glob("queue.db.damaged-*[0-9]"))) == 1
+
+
+def test_a_sound_queue_is_kept(home):
+    Queue().enqueue([Chunk("j", 0, 1, model="m")])
+    assert Queue().pending() == 1 and not list(home.glob("queue.db.damaged-*[0-9]"))
