@@ -16,10 +16,20 @@ from jobs.export import FORMATS
 # rich or the worker (see jobs/reads.py).
 
 
-def _queue():
-    from worker.queue import Queue
+def _enqueue(store, job_id: str) -> tuple[int, str | None]:
+    """Queue a stored job's queued requests; returns (tasks, warning). A queue that fails
+    is a warning on stderr, not an error: the job is stored, and workers find it in the
+    database, so submitting it again would run every prompt twice."""
+    from worker.queue import enqueue_stored
 
-    return Queue()
+    tasks, problem = enqueue_stored(store, job_id)
+    if problem is None:
+        return tasks, None
+    warning = (f"job {job_id} is stored but could not be queued ({problem}); workers "
+               "find it in the database (a running one within seconds, any other when it "
+               "starts): do not submit it again")
+    click.echo(f"warning: {output.printable(warning)}", err=True)
+    return tasks, warning
 
 
 @cli.command("submit")
@@ -73,7 +83,9 @@ def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, sy
     )
     source = "<stdin>" if file == "-" else file
     store = Store()
-    queue = _queue()  # before storing: a queue that cannot open must not strand a job
+    from worker.queue import make_huey
+
+    make_huey()  # a queue URL that cannot work at all is an error before anything is stored
     try:
         if file == "-":
             job_id, count = submit(store, sys.stdin.buffer, source, options, registry.reference)
@@ -95,14 +107,15 @@ def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, sy
         raise click.ClickException(
             f"{output.printable(source)}: nothing was queued; fix the lines above and submit again"
         ) from None
-    tasks = queue.enqueue(store.chunks(job_id))
+    tasks, warning = _enqueue(store, job_id)
     if as_json:
         output.print_json({"id": job_id, "requests": count, "queue_tasks": tasks,
-                           "not_before": not_before})
+                           "not_before": not_before, "warning": warning})
         return
     click.echo(job_id)
     when = f", not before {output.when(not_before)}" if not_before else ""
-    click.echo(f"queued {count} requests as job {job_id}{when}", err=True)
+    click.echo(f"{'stored' if warning else 'queued'} {count} requests as job {job_id}{when}",
+               err=True)
 
 
 def _size(f) -> int | None:
@@ -157,10 +170,9 @@ def retry_cmd(job, as_json):
 
     store = Store()
     n = store.retry(job)
-    if n:
-        _queue().enqueue(store.chunks(job))
+    warning = _enqueue(store, job)[1] if n else None
     if as_json:
-        output.print_json({"id": job, "requeued": n})
+        output.print_json({"id": job, "requeued": n, "warning": warning})
     else:
         output.echo(f"queued {n} failed requests of job {job} again")
 

@@ -52,15 +52,14 @@ def worker_cmd(model, drain, batch_size, dtype, max_context, force, grace, trust
     logging.getLogger("huey").setLevel(logging.INFO if verbose else logging.WARNING)
 
     from jobs.store import Store
+    from worker import registry
     from worker.loader import LoadOptions
     from worker.service import Worker, WorkerOptions
 
-    from worker import registry
-
-    # Jobs store a model folder as an absolute path (registry.reference): match it so.
     options = WorkerOptions(
-        serves=(registry.reference(model) or model) if model else None, drain=drain, grace_seconds=grace, prefix_cache=prefix_cache,
-        max_attempts=max_attempts,
+        # Jobs store a model folder as an absolute path (registry.reference): match so.
+        serves=(registry.reference(model) or model) if model else None,
+        drain=drain, grace_seconds=grace, prefix_cache=prefix_cache, max_attempts=max_attempts,
         load=LoadOptions(dtype=None if dtype == "auto" else dtype, batch_size=batch_size,
                          max_context=max_context, force=force,
                          trust_remote_code=trust_remote_code),

@@ -169,6 +169,14 @@ def m003_worker_engine_counters(conn: Connection) -> None:
                                     "prompt_tokens_computed")])
 
 
+def m004_submitting(conn: Connection) -> None:
+    """Who is storing a job and when it last stored a batch (``jobs.submitter``,
+    ``jobs.submit_touched_at``): a job is stored in short transactions, hidden until
+    whole, and one left half-stored by a killed submit is found and removed."""
+    _add_columns(conn, "jobs", [("submitter", "TEXT"),
+                                ("submit_touched_at", "FLOAT")])
+
+
 def m005_request_losses(conn: Connection) -> None:
     """``requests.lost``: how many times a worker died while running a request, so
     the one that kills the worker is run apart and failed after a few deaths."""
@@ -179,6 +187,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     m001_initial,
     m002_job_counts,
     m003_worker_engine_counters,
+    m004_submitting,
     m005_request_losses,
 ]
 

@@ -37,6 +37,9 @@ def count_column(status: str) -> str:
 # queries below repeat its condition word for word, as SQLite needs to use it.
 DONE_TTFT_WHERE = "status = 'done' AND first_token_at IS NOT NULL"
 TTFT = "first_token_at - started_at"
+# A job still being stored names its submitter (jobs/store.py ``create_job``); until
+# the transaction that makes it whole, status does not show it.
+WHOLE = "submitter IS NULL"
 
 
 @dataclass
@@ -158,14 +161,14 @@ class Reads:
         raise NotImplementedError
 
     def job(self, job_id: str) -> JobSummary:
-        rows = self._rows("SELECT * FROM jobs WHERE id = :id", {"id": job_id})
+        rows = self._rows(f"SELECT * FROM jobs WHERE id = :id AND {WHOLE}", {"id": job_id})
         if not rows:
             raise job_not_found(job_id)
         return JobSummary.from_row(rows[0])
 
     def list_jobs(self, limit: int | None = None) -> list[JobSummary]:
         """Jobs, newest first."""
-        sql = "SELECT * FROM jobs ORDER BY created_at DESC"
+        sql = f"SELECT * FROM jobs WHERE {WHOLE} ORDER BY created_at DESC"
         rows = self._rows(sql + " LIMIT :limit", {"limit": limit}) if limit else self._rows(sql)
         return [JobSummary.from_row(r) for r in rows]
 
@@ -173,7 +176,7 @@ class Reads:
         """Per-request figures over a job's done requests: time to first token p50/p95
         (seconds) and mean prompt processing rate (tokens/s)."""
         [job] = self._rows("SELECT n_done, prompt_tps_sum, prompt_tps_n FROM jobs "
-                           "WHERE id = :id", {"id": job_id}) or [None]
+                           f"WHERE id = :id AND {WHOLE}", {"id": job_id}) or [None]
         if job is None:
             raise job_not_found(job_id)
         n = int(job["n_done"])

@@ -35,6 +35,12 @@ JOB_COUNTERS = [Column(count_column(s), BigInteger, nullable=False, default=0,
     Column("prompt_tps_n", BigInteger, nullable=False, default=0, server_default="0"),
 ]
 
+# While a job is being stored (Store.create_job), who stores it (``submitter_identity``)
+# and when it last stored a batch; both NULL once the job is whole. Until then its
+# counts stay 0, so nothing claims, counts or lists it, and one left behind by a
+# killed submit is found by these and removed.
+SUBMIT_COLUMNS = [Column("submitter", Text), Column("submit_touched_at", Float)]
+
 jobs = Table(
     "jobs",
     metadata,
@@ -56,6 +62,7 @@ jobs = Table(
     Column("prompt_tokens", BigInteger, nullable=False, default=0),
     Column("completion_tokens", BigInteger, nullable=False, default=0),
     *JOB_COUNTERS,
+    *SUBMIT_COLUMNS,
 )
 
 requests = Table(

@@ -33,6 +33,15 @@ HEARTBEAT_STALE_SECONDS = 30.0
 # A request whose worker died this many times while running it is failed (worker
 # --max-attempts): it is likely what kills the worker.
 DEFAULT_MAX_ATTEMPTS = 3
+# A job still being stored whose submitter has stored no batch for this long is taken
+# as abandoned and removed, even when its process cannot be checked (another host, or
+# its pid reused). A live submit stores a batch every ~0.1 s; a pipe is read to its end
+# before the first one.
+SUBMIT_STALE_SECONDS = 3600.0
+# The latest start time a job may have (`submit --at`): 9999-12-31T00:00 UTC. Python's
+# datetime, which the queue schedules with, ends in year 9999; a day short of that, so
+# no time zone's local time of it does.
+LATEST_START = 253_402_214_400.0
 
 
 def home() -> Path:

@@ -26,6 +26,7 @@ from sqlalchemy import (
     case,
     create_engine,
     event,
+    func,
     inspect,
     literal_column,
     or_,
@@ -35,8 +36,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
 from jobs import hosts, migrations, schema, settings
-from jobs.errors import ConfigError, InputError
-from jobs.formats import Params
+from jobs.errors import ConfigError, NightshiftError
+from jobs.formats import Params, RequestSpec
 from jobs.reads import (
     CANCELLED,
     DONE,
@@ -60,8 +61,9 @@ from jobs.schema import jobs, model_switches, requests, workers
 #   "database is locked"; writes take the lock up front (BEGIN IMMEDIATE), because
 #   a deferred transaction that upgrades to a write is not retried by SQLite.
 SQLITE_PRAGMAS = ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=60000", "foreign_keys=ON")
+# Request rows per write transaction of a submit: a few tens of milliseconds of
+# holding the write lock, and commits rare enough to keep ingest fast.
 INSERT_BATCH = 4000
-MAX_REPORTED_PROBLEMS = 50
 # A transient database error (a deadlock, a serialization failure, "database is
 # locked", a dropped connection) is retried with backoff for this long before it is
 # reported: a worker must not end its night over one.
@@ -238,61 +240,117 @@ class Store(Reads):
         *,
         model: str | Callable[[], str],
         defaults: dict,
-        specs: Iterable,
+        specs: Iterable[RequestSpec],
         name: str | None = None,
         source: str | None = None,
         priority: int = 0,
         not_before: float | None = None,
     ) -> tuple[str, int]:
-        """Store a job and all its requests in one transaction; returns (id, count).
+        """Store a job and all its requests, whole or not at all; returns (id, count).
 
-        ``specs`` yields ``jobs.formats.RequestSpec`` or ``LineError`` items. Any
-        error rolls the whole job back and raises InputError: a submission is whole
-        or absent. ``model`` may be a callable, asked once every line was read (the
-        lines may name it); it may raise InputError.
+        The rows go in INSERT_BATCH at a time, one short transaction each, so a file of
+        any size holds the write lock for moments only: workers' heartbeats and results
+        get in between. Until the last transaction the job is partial: it names its
+        submitter and its counts are 0, so no listing, count, sweep or claim sees it. A
+        file of one batch is one transaction.
+
+        If iterating ``specs`` raises (jobs/submit.py raises InputError there after the
+        last line when some were bad; or an interrupt), or ``model`` does, the rows
+        stored are removed, in short transactions too, and the exception goes on.
+        ``model`` may be a callable, asked once every line was read (the lines may name
+        it). Rows left by a killed process are removed by ``remove_abandoned_jobs``.
+
+        Raises:
+            NightshiftError: the partial job was taken as abandoned and removed meanwhile.
         """
-        job_id = new_job_id()
-        now = time.time()
-        problems: list[str] = []
-        bad = 0
+        job = {"id": new_job_id(), "name": name, "model": "", "source": source,
+               "priority": priority, "not_before": not_before,
+               "defaults": json.dumps(defaults), "total": 0, "created_at": time.time(),
+               "prompt_tokens": 0, "completion_tokens": 0, "submitter": submitter_identity()}
         count = 0
-        with self.write() as conn:
-            conn.execute(
-                jobs.insert().values(
-                    id=job_id, name=name, model="", source=source, priority=priority,
-                    not_before=not_before, defaults=json.dumps(defaults), total=0,
-                    created_at=now, prompt_tokens=0, completion_tokens=0,
-                )
-            )
-            insert = _request_inserter(conn)
+        begun = False  # a transaction may have stored the job row
+        try:
             batch: list[tuple] = []
             for spec in specs:
-                if isinstance(spec, Exception):
-                    bad += 1
-                    if len(problems) < MAX_REPORTED_PROBLEMS:
-                        problems.append(str(spec))
-                    continue
-                if bad:
-                    continue  # keep validating, stop building rows
-                batch.append(_request_row(job_id, count, spec))
+                batch.append(_request_row(job["id"], count, spec))
                 count += 1
                 if len(batch) >= INSERT_BATCH:
-                    insert(batch)
+                    first, begun = not begun, True
+                    with self._storing(job, first) as conn:
+                        _request_inserter(conn)(batch)
                     batch = []
-            if not bad and count == 0:
-                problems.append(f"{source or 'input'}: no requests (the file is empty or blank)")
-                bad = 1
-            if bad:  # leaving the block by an exception rolls everything back
-                raise InputError(problems, more=bad - len(problems))
             if callable(model):
                 model = model()
-            if batch:
-                insert(batch)
-            conn.execute(
-                jobs.update().where(jobs.c.id == job_id)
-                .values(total=count, model=model, **{count_column(QUEUED): count})
-            )
-        return job_id, count
+            first, begun = not begun, True
+            with self._storing(job, first) as conn:
+                if batch:
+                    _request_inserter(conn)(batch)
+                # Whole: from this commit on it is listed, counted, swept and claimed.
+                conn.execute(
+                    jobs.update().where(jobs.c.id == job["id"])
+                    .values(total=count, model=model, submitter=None, submit_touched_at=None,
+                            **{count_column(QUEUED): count})
+                )
+        except BaseException:
+            if begun:
+                self._remove_partial(job["id"], job["submitter"])
+            raise
+        return job["id"], count
+
+    @contextmanager
+    def _storing(self, job: dict, first: bool) -> Iterator[Connection]:
+        """A write transaction adding to a partial job: the first stores the job row;
+        each later one checks the job is still this submitter's, and marks it touched."""
+        now = time.time()
+        with self.write() as conn:
+            if first:
+                conn.execute(jobs.insert().values(**job, submit_touched_at=now))
+            elif not _touch(conn, job["id"], job["submitter"], now):
+                raise NightshiftError(
+                    f"job {job['id']} was removed while it was being stored: it was taken as "
+                    f"abandoned (nothing stored for {settings.SUBMIT_STALE_SECONDS:.0f} s); "
+                    "submit the file again"
+                )
+            yield conn
+
+    def remove_abandoned_jobs(self, now: float | None = None) -> list[str]:
+        """Remove the partial jobs whose submitter is gone: its process ended
+        (``submitter_gone``) or it stored nothing for SUBMIT_STALE_SECONDS. That is what a
+        killed submit leaves. Returns their ids."""
+        now = now or time.time()
+        with self.read() as conn:
+            partial = conn.execute(
+                select(jobs.c.id, jobs.c.submitter, jobs.c.submit_touched_at)
+                .where(jobs.c.submitter.is_not(None))
+            ).all()
+        return [
+            job_id for job_id, owner, touched in partial
+            if (now - (touched or 0) > settings.SUBMIT_STALE_SECONDS or submitter_gone(owner))
+            and self._remove_partial(job_id, owner)
+        ]
+
+    def _remove_partial(self, job_id: str, owner: str) -> bool:
+        """Remove a partial job that ``owner`` holds, INSERT_BATCH rows per transaction;
+        returns whether this call removed it.
+
+        The remover takes the job over first (it becomes its submitter), so two never
+        remove one job at once, and a removal cut short is finished by a later one.
+        """
+        me = submitter_identity()
+        while True:
+            with self.write() as conn:
+                if not _touch(conn, job_id, owner, time.time(), new_owner=me):
+                    return False  # made whole, removed, or taken over by another
+                owner = me
+                top = conn.execute(
+                    select(func.max(requests.c.seq)).where(requests.c.job_id == job_id)
+                ).scalar()
+                if top is None:
+                    conn.execute(jobs.delete().where(jobs.c.id == job_id))
+                    return True
+                # Sequence numbers run 0..n-1 without gaps: the last INSERT_BATCH of them.
+                conn.execute(requests.delete().where(requests.c.job_id == job_id,
+                                                     requests.c.seq > top - INSERT_BATCH))
 
     # -- what the queue carries ------------------------------------------------
 
@@ -308,9 +366,12 @@ class Store(Reads):
             return list(_ranges(job, seqs))
 
     @_retrying
-    def runnable_chunks(self, model: str | None = None) -> list[Chunk]:
-        """Every queued request's range (of ``model``'s jobs), highest priority first."""
-        query = select(jobs).where(jobs.c.cancelled_at.is_(None), _queued_count() > 0)
+    def runnable_chunks(self, model: str | None = None, now: float | None = None) -> list[Chunk]:
+        """The ranges of the queued requests that may start now (of ``model``'s jobs),
+        highest priority first. Jobs held for later cost nothing here: a worker sweeps
+        this every second while idle, and a million-line job for tomorrow night must
+        not be read each time."""
+        query = select(jobs).where(*_runnable_where(now or time.time()))
         if model is not None:
             query = query.where(jobs.c.model == model)
         with self.read() as conn:
@@ -687,10 +748,38 @@ def _migrated(conn: Connection) -> bool:
 
 
 def _job_row(conn: Connection, job_id: str):
-    row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+    """A whole job's row; a job still being stored is not found."""
+    row = conn.execute(
+        select(jobs).where(jobs.c.id == job_id, jobs.c.submitter.is_(None))).first()
     if row is None:
         raise job_not_found(job_id)
     return row
+
+
+def submitter_identity() -> str:
+    """Who is storing a job, as ``jobs.submitter`` records it: host id and pid. Read
+    back only by ``submitter_gone``."""
+    return f"{hosts.host_id()}:{os.getpid()}"
+
+
+def submitter_gone(identity: str) -> bool:
+    """Whether the process named by a ``submitter_identity`` has ended: it ran on this
+    host and its pid is gone. Never this process (another thread may be submitting); a
+    submitter on another host looks alive: SUBMIT_STALE_SECONDS covers those."""
+    host, _, pid = identity.rpartition(":")
+    if host != hosts.host_id() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    return not hosts.pid_alive(int(pid))
+
+
+def _touch(conn: Connection, job_id: str, owner: str, now: float,
+           new_owner: str | None = None) -> bool:
+    """Mark a partial job as still worked on by ``owner`` (handing it to ``new_owner``);
+    False when ``owner`` no longer holds it (made whole, removed or taken over)."""
+    values = {"submit_touched_at": now, **({"submitter": new_owner} if new_owner else {})}
+    return conn.execute(
+        jobs.update().where(jobs.c.id == job_id, jobs.c.submitter == owner).values(**values)
+    ).rowcount == 1
 
 
 def _ranges(job, seqs: Iterable[int]) -> Iterator[Chunk]:
@@ -734,13 +823,15 @@ def _lock_jobs(conn: Connection, job_ids: Iterable[str]) -> list:
     return conn.execute(query).all()
 
 
+def _runnable_where(now: float) -> tuple:
+    """The conditions on a job whose queued requests may start at ``now``."""
+    return (_queued_count() > 0, jobs.c.cancelled_at.is_(None),
+            or_(jobs.c.not_before.is_(None), jobs.c.not_before <= now))
+
+
 def _runnable_jobs(now: float):
     """The ids of jobs whose queued requests may start at ``now``."""
-    return select(jobs.c.id).where(
-        _queued_count() > 0,
-        jobs.c.cancelled_at.is_(None),
-        or_(jobs.c.not_before.is_(None), jobs.c.not_before <= now),
-    )
+    return select(jobs.c.id).where(*_runnable_where(now))
 
 
 _CLAIM_COLUMNS = (requests.c.id, requests.c.seq, requests.c.kind, requests.c.body,

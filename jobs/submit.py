@@ -20,6 +20,9 @@ from jobs.formats import LineError, Params, RequestSpec, iter_requests, validate
 if TYPE_CHECKING:
     from jobs.store import Store
 
+# Bad lines listed in an error report; the rest are counted ("... and N more").
+MAX_REPORTED_PROBLEMS = 50
+
 
 @dataclass
 class JobOptions:
@@ -48,7 +51,8 @@ def parse_at(text: str, now: dt.datetime | None = None) -> float:
     (local time unless it names a zone). Returns a Unix timestamp.
 
     Raises:
-        ValueError: neither form, with what is accepted.
+        ValueError: neither form, with what is accepted; or a time later than the queue
+            can schedule (settings.LATEST_START).
     """
     now = now or dt.datetime.now().astimezone()
     for fmt in ("%H:%M", "%H:%M:%S"):
@@ -67,9 +71,18 @@ def parse_at(text: str, now: dt.datetime | None = None) -> float:
             f"--at {text!r}: give a time of day like 02:00 or a date-time like "
             "2026-12-01T02:00 (ISO 8601)"
         ) from None
-    if when.tzinfo is None:
-        when = when.astimezone()  # naive: the user's local time
-    return when.timestamp()
+    try:
+        if when.tzinfo is None:
+            when = when.astimezone()  # naive: the user's local time
+        timestamp = when.timestamp()
+    except (OverflowError, ValueError, OSError):  # the ends of year 1 and 9999
+        timestamp = None
+    if timestamp is None or timestamp > settings.LATEST_START:
+        raise ValueError(
+            f"--at {text!r}: beyond the times the queue can schedule (up to 9999-12-30 "
+            "UTC); give a nearer date-time"
+        )
+    return timestamp
 
 
 class _ModelFromLines:
@@ -113,6 +126,37 @@ class _ModelFromLines:
         return found
 
 
+class _Problems:
+    """A file's bad lines: the first MAX_REPORTED_PROBLEMS as ``FILE:LINE: reason``, and
+    how many in all."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.reported: list[str] = []
+        self.bad = 0
+
+    def good(self, specs: Iterator[RequestSpec | LineError]) -> Iterator[RequestSpec]:
+        """The good lines up to the first bad one; every line is read and checked.
+
+        Raises:
+            InputError: once every line was read, if any was bad or there were none.
+        """
+        count = 0
+        for spec in specs:
+            if isinstance(spec, LineError):
+                self.bad += 1
+                if len(self.reported) < MAX_REPORTED_PROBLEMS:
+                    self.reported.append(str(spec))
+            elif not self.bad:  # after a bad line, only check the rest
+                count += 1
+                yield spec
+        if not self.bad and count == 0:
+            self.reported.append(f"{self.source}: no requests (the file is empty or blank)")
+            self.bad = 1
+        if self.bad:
+            raise InputError(self.reported, more=self.bad - len(self.reported))
+
+
 def submit(
     store: Store,
     stream: BinaryIO,
@@ -125,18 +169,21 @@ def submit(
     ``model_reference`` turns the model a user named into what the job stores (a
     folder as an absolute path: see ``worker.registry.reference``), None if unknown.
 
+    Partial jobs left by submits that were killed are removed first.
+
     Raises:
         InputError: bad lines (``FILE:LINE: reason``), an empty file or an unknown
             model. Nothing is stored then.
     """
     validate_params(options.params, "job settings")
+    store.remove_abandoned_jobs()
     chooser = _ModelFromLines(source, options.model)
     with _read_at_disk_speed(stream) as stream:
         specs = chooser.check(iter_requests(stream, source, raw_default=options.raw))
         return store.create_job(
             model=lambda: chooser.model(model_reference),
             defaults=options.defaults(),
-            specs=specs,
+            specs=_Problems(source).good(specs),
             name=options.name,
             source=source,
             priority=options.priority,
@@ -148,12 +195,12 @@ def submit(
 def _read_at_disk_speed(stream: BinaryIO) -> Iterator[BinaryIO]:
     """The stream, or for a pipe, socket or terminal a temporary copy of all of it.
 
-    The job is stored in one write transaction that reads the lines as it goes. Fed
-    by a slow producer (``generate | nightshift submit -``), that transaction would
-    hold the database's write lock for as long as the producer runs, and the
-    worker's result writes would fail once the busy timeout is over. A regular file
-    (or one in memory) is read as fast as it is parsed; anything else is copied
-    first, unlocked, to a file in NIGHTSHIFT_HOME that is gone when closed.
+    The job is stored batch by batch as the lines are read, and is partial (rows to
+    remove if anything fails) until the last one. Fed by a slow producer (``generate |
+    nightshift submit -``), it would stay partial for as long as the producer runs,
+    and one that stores nothing for SUBMIT_STALE_SECONDS is taken as abandoned. A
+    regular file (or one in memory) is read as fast as it is parsed; anything else is
+    copied first to a file in NIGHTSHIFT_HOME that is gone when closed.
     """
     try:
         regular = stat.S_ISREG(os.fstat(stream.fileno()).st_mode)

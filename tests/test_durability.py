@@ -75,12 +75,16 @@ def test_a_result_reported_done_is_on_disk_before_the_call_returns(home, tmp_pat
 
 
 def _whole_or_absent(store: Store, n: int) -> int:
-    """Every job stored has all its n requests; returns how many jobs there are."""
+    """Every job stored has all its n requests, once what killed submits left (a partial
+    job, never listed) is removed; returns how many jobs there are."""
+    listed = {j.id for j in store.list_jobs()}
+    store.remove_abandoned_jobs()
     with store.read() as conn:
         totals = dict(conn.execute(select(jobs.c.id, jobs.c.total)).all())
         rows = dict(conn.execute(select(requests.c.job_id, func.count())
                                  .group_by(requests.c.job_id)).all())
     assert set(rows) <= set(totals), "requests without their job"
+    assert set(totals) == listed, "a job listed before it was whole, or never"
     for job_id, total in totals.items():
         assert total == n and rows.get(job_id) == n, (job_id, total, rows.get(job_id))
     return len(totals)

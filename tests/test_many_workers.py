@@ -40,7 +40,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 KILLER_SEED, RAISER_SEEDS = 4242, (31337, 27182)
 MAX_ATTEMPTS = 3
 KILLS = 3  # random SIGKILLs by the test, per group of workers (the killer adds its own)
-KILL_EVERY = (4.0, 9.0)  # seconds between random kills, uniform
+KILL_EVERY = (1.5, 4.0)  # seconds between random kills, uniform
 BIG_SUBMIT_LINES = 500_000
 DEADLINE_SECONDS = 900
 WORKER_ARGS = ("--batch-size", "8", "--max-attempts", str(MAX_ATTEMPTS), "--grace", "1")
@@ -60,7 +60,7 @@ def _write(path: Path, n: int, tag: str, special: dict[int, int] | None = None) 
         for i in range(n):
             row = {"custom_id": f"{tag}-{i}",
                    "prompt": " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 30))),
-                   "max_tokens": rng.randint(4, 16)}
+                   "max_tokens": rng.randint(8, 32)}
             if special and i in special:
                 row.update(temperature=1.0, seed=special[i])
             f.write(json.dumps(row) + "\n")
@@ -143,8 +143,9 @@ def _group(label, tmp_path, tiny_llama_dir, n_workers, database_url=None, queue_
 
 
 def _unfinished(group: Group, store: Store) -> int:
-    """Requests of the group's jobs that can still run now (not the job held for later)."""
-    return sum(store.job(j).remaining for role, j in group.jobs.items() if role != "later")
+    """Requests of the group's jobs that can still run now (not the jobs held for later)."""
+    return sum(store.job(j).remaining for role, j in group.jobs.items()
+               if role not in ("later", "big"))
 
 
 def _safe_to_kill(store: Store, slot: Slot) -> bool:

@@ -12,7 +12,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
+import sqlite3
+import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from huey import Huey, PriorityRedisHuey, SqliteHuey
 from huey.registry import Message
@@ -20,7 +24,7 @@ from huey.serializer import Serializer
 
 from jobs import settings
 from jobs.errors import ConfigError
-from jobs.store import Chunk
+from jobs.store import Chunk, Store
 
 TASK_NAME = "run_chunk"
 TASK_ID = f"{__name__}.{TASK_NAME}"  # how Huey names it in each message
@@ -63,6 +67,10 @@ class JSONSerializer(Serializer):
 def make_huey(url: str | None = None) -> Huey:
     """The Huey instance for a queue URL: a SQLite file (default) or ``redis://``.
 
+    A damaged SQLite file is set aside (``queue.db.damaged-<time>``, logged) and an
+    empty queue started in its place: the database holds every job, and workers find
+    the work whose tasks were in it by sweeping the database.
+
     Raises:
         ConfigError: a Redis URL without the redis package installed.
     """
@@ -78,9 +86,69 @@ def make_huey(url: str | None = None) -> Huey:
         # Plain RedisHuey has no priorities; the priority variant does.
         return PriorityRedisHuey(QUEUE_NAME, url=url, **common)
     path = url.removeprefix("sqlite:///").removeprefix("sqlite://")
-    # No fsync per task: the database is the truth and a lost task is found again
-    # there, so the queue need not pay a disk flush for each of thousands of chunks.
-    return SqliteHuey(QUEUE_NAME, filename=path, timeout=60, **common)
+
+    def open_file() -> SqliteHuey:
+        # No fsync per task: the database is the truth and a lost task is found again
+        # there, so the queue need not pay a disk flush for each of thousands of chunks.
+        return SqliteHuey(QUEUE_NAME, filename=path, timeout=60, **common)
+
+    try:
+        inode = os.stat(path).st_ino
+    except OSError:
+        return open_file()  # a new queue (or one SQLite will explain it cannot open)
+    huey = None
+    try:
+        huey = open_file()  # reads the schema, creates what is missing
+        # A few milliseconds for a queue of thousands of tasks.
+        checked = [row[0] for row in huey.storage.sql("PRAGMA quick_check", results=True)]
+    except sqlite3.DatabaseError as exc:
+        if not _damage(exc):
+            raise  # locked, unreadable: not ours to replace
+        problem = str(exc)
+    else:
+        if checked == ["ok"]:
+            return huey
+        problem = "; ".join(checked[:3])
+    finally:
+        if huey is not None:
+            huey.storage.close()  # reopened when used
+    aside = _set_aside(Path(path), inode)
+    if aside is not None:
+        log.error("the queue %s is damaged (%s): moved it to %s and started an empty "
+                  "one; no job is lost, workers find queued work in the database", path,
+                  problem, aside)
+    return open_file()
+
+
+# SQLITE_CORRUPT and SQLITE_NOTADB: what a damaged file raises (busy, locked or
+# unreadable files raise other codes).
+_DAMAGE_CODES = {11, 26}
+
+
+def _damage(exc: sqlite3.DatabaseError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF in _DAMAGE_CODES
+    return any(s in str(exc) for s in ("malformed", "not a database"))
+
+
+def _set_aside(path: Path, inode: int) -> Path | None:
+    """Rename a damaged queue file (and its -wal, -shm) to ``NAME.damaged-<time>``;
+    None when another process got there first (the file is no longer that inode)."""
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+    try:
+        if os.stat(path).st_ino != inode:
+            return None
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return None
+    # A write-ahead log left beside a new, empty file would be replayed into it.
+    for suffix in ("-wal", "-shm", "-journal"):
+        try:
+            os.rename(f"{path}{suffix}", f"{aside}{suffix}")
+        except FileNotFoundError:
+            pass
+    return aside
 
 
 class Queue:
@@ -107,8 +175,9 @@ class Queue:
         count = 0
         now = dt.datetime.now(dt.timezone.utc).timestamp()
         for chunk in chunks:
-            # Huey compares etas as naive UTC datetimes when utc=True.
-            start = max(chunk.not_before or 0, now + (delay or 0))
+            # Huey compares etas as naive UTC datetimes when utc=True; a datetime ends
+            # with year 9999 (`submit --at` refuses later times; older jobs may have one).
+            start = min(max(chunk.not_before or 0, now + (delay or 0)), settings.LATEST_START)
             eta = (dt.datetime.fromtimestamp(start, dt.timezone.utc).replace(tzinfo=None)
                    if start > now else None)
             kwargs = {"order": chunk.priority, "model": chunk.model}
@@ -126,3 +195,19 @@ class Queue:
 
     def scheduled(self) -> int:
         return self.huey.scheduled_count()
+
+
+def enqueue_stored(store: Store, job_id: str, url: str | None = None) -> tuple[int, str | None]:
+    """Queue the queued requests of a job already stored; returns (tasks, None), or
+    (0, why) when the queue could not take them.
+
+    Never raises: the job is committed in the database, the truth, and a worker's sweep
+    of the database finds it whatever happens here. An error would make the user submit
+    again, and every prompt would run twice.
+    """
+    try:
+        return Queue(url).enqueue(store.chunks(job_id)), None
+    except Exception as exc:  # any queue failure: the job runs anyway (see above)
+        return 0, f"{type(exc).__name__}: {exc}"
+    except KeyboardInterrupt:  # must not read as "not submitted": the job is stored
+        return 0, "interrupted"

@@ -414,6 +414,9 @@ class Worker:
     def _recover(self) -> Recovered:
         """Take back requests of workers that died; note lost ones waiting for our model."""
         recovered = self.store.recover(self.id, self.options.max_attempts)
+        removed = self.store.remove_abandoned_jobs()
+        if removed:
+            log.info("removed %d jobs left half-stored by submits that died", len(removed))
         if recovered.requeued or recovered.failed:
             log.info("took back %d requests left running by workers that stopped; failed "
                      "%d that their workers died %d times running", recovered.requeued,
