@@ -397,7 +397,7 @@ class Store(Reads):
         """
         with self.write() as conn:
             [job] = _lock_jobs(conn, [chunk.job_id]) or [None]
-            if job is None or job.cancelled_at is not None:
+            if job is None or job.cancelled_at is not None or job.submitter is not None:
                 return []
             pick = (
                 select(requests.c.id)
@@ -596,8 +596,7 @@ class Store(Reads):
     def cancel(self, job_id: str) -> int:
         """Stop a job's unstarted requests from running; returns how many were cancelled."""
         with self.write() as conn:
-            if not _lock_jobs(conn, [job_id]):
-                raise job_not_found(job_id)
+            _lock_whole_job(conn, job_id)
             conn.execute(
                 jobs.update()
                 .where(jobs.c.id == job_id, jobs.c.cancelled_at.is_(None))
@@ -610,8 +609,7 @@ class Store(Reads):
     def retry(self, job_id: str) -> int:
         """Queue a job's failed requests again, with their losses forgiven; returns how many."""
         with self.write() as conn:
-            if not _lock_jobs(conn, [job_id]):
-                raise job_not_found(job_id)
+            _lock_whole_job(conn, job_id)
             conn.execute(jobs.update().where(jobs.c.id == job_id).values(cancelled_at=None))
             return len(_move(conn, FAILED, QUEUED, requests.c.job_id == job_id,
                              jobs_locked=True, error=None, worker_id=None, response=None,
@@ -821,6 +819,15 @@ def _lock_jobs(conn: Connection, job_ids: Iterable[str]) -> list:
     if conn.dialect.name != "sqlite":
         query = query.with_for_update()
     return conn.execute(query).all()
+
+
+def _lock_whole_job(conn: Connection, job_id: str):
+    """Lock a job's row (``_lock_jobs``); NotFound if there is none, or it is still
+    being stored (a partial job is nobody's to change)."""
+    [job] = _lock_jobs(conn, [job_id]) or [None]
+    if job is None or job.submitter is not None:
+        raise job_not_found(job_id)
+    return job
 
 
 def _runnable_where(now: float) -> tuple:

@@ -47,7 +47,7 @@ def partial_jobs(store: Store) -> list[str]:
 
 def submit_bytes(store: Store, data, source: str = "in.jsonl") -> tuple[str, int]:
     stream = data if hasattr(data, "readline") else io.BytesIO(data)
-    return submit(store, stream, source, JobOptions(model="m"), lambda m: True)
+    return submit(store, stream, source, JobOptions(model="m"), lambda m: m)
 
 
 def test_a_big_submit_lets_other_writes_in_and_stays_unseen_until_whole(store):
@@ -138,7 +138,7 @@ def test_bad_lines_after_many_batches_store_nothing_and_are_all_reported(store):
 def test_an_unknown_model_after_many_batches_stores_nothing(store):
     with pytest.raises(InputError, match="unknown model 'nope'"):
         submit(store, io.BytesIO(prompts(2 * INSERT_BATCH + 1)), "f", JobOptions(model="nope"),
-               lambda m: False)
+               lambda m: None)
     assert rows(store) == (0, 0)
 
 
