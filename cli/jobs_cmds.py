@@ -83,9 +83,9 @@ def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, sy
     )
     source = "<stdin>" if file == "-" else file
     store = Store()
-    from worker.queue import make_huey
+    from worker.queue import check_url
 
-    make_huey()  # a queue URL that cannot work at all is an error before anything is stored
+    check_url()  # a queue URL that cannot work with what is installed: before storing
     try:
         if file == "-":
             job_id, count = submit(store, sys.stdin.buffer, source, options, registry.reference)

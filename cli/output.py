@@ -23,7 +23,10 @@ def console():
     # imported here, not at the top: `status JOB` must start fast and prints no table.
     from rich.console import Console
 
-    return Console(file=sys.stdout, soft_wrap=True)
+    # Piped (a script, grep, a file): rows stay whole on one line each, however long,
+    # instead of wrapping at rich's default 80 columns.
+    width = None if sys.stdout.isatty() else 1000
+    return Console(file=sys.stdout, soft_wrap=True, width=width)
 
 
 def table(columns: list[str], rows: list[list], title: str | None = None) -> None:

@@ -148,7 +148,9 @@ class Recovered:
 
 
 def new_job_id() -> str:
-    return secrets.token_hex(4)
+    """A random job id: 48 bits, so a collision is unlikely before millions of jobs
+    (32 bits met one every few tens of thousands); ``Store._unused_job_id`` checks."""
+    return secrets.token_hex(6)
 
 
 def worker_identity() -> tuple[str, str, int]:
@@ -263,7 +265,7 @@ class Store(Reads):
         Raises:
             NightshiftError: the partial job was taken as abandoned and removed meanwhile.
         """
-        job = {"id": new_job_id(), "name": name, "model": "", "source": source,
+        job = {"id": self._unused_job_id(), "name": name, "model": "", "source": source,
                "priority": priority, "not_before": not_before,
                "defaults": json.dumps(defaults), "total": 0, "created_at": time.time(),
                "prompt_tokens": 0, "completion_tokens": 0, "submitter": submitter_identity()}
@@ -296,6 +298,13 @@ class Store(Reads):
                 self._remove_partial(job["id"], job["submitter"])
             raise
         return job["id"], count
+
+    def _unused_job_id(self) -> str:
+        with self.read() as conn:
+            while True:
+                job_id = new_job_id()
+                if conn.execute(select(jobs.c.id).where(jobs.c.id == job_id)).first() is None:
+                    return job_id
 
     @contextmanager
     def _storing(self, job: dict, first: bool) -> Iterator[Connection]:

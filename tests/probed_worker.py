@@ -14,6 +14,8 @@ own code. The probes only observe, except where a test asks for a fault:
   before it commits (default 0.02), so a kill can land inside it.
 * ``NIGHTSHIFT_TEST_LOAD_SECONDS=SECONDS``: loading takes that much longer, as a big
   model's would.
+* ``NIGHTSHIFT_TEST_SWITCH_SECONDS=SECONDS``: every load after the first (a switch to
+  another model) takes that much longer.
 * SIGUSR1 writes every thread's Python stack to the worker's log.
 * ``NIGHTSHIFT_TEST_POISON_SEED=N[,M...]``: a request sampled with one of these seeds
   raises inside the generator step, as a broken request would.
@@ -32,6 +34,7 @@ import time
 PHASES_ENV = "NIGHTSHIFT_TEST_PHASES"
 WRITE_PAUSE_ENV = "NIGHTSHIFT_TEST_WRITE_PAUSE"
 LOAD_SECONDS_ENV = "NIGHTSHIFT_TEST_LOAD_SECONDS"
+SWITCH_SECONDS_ENV = "NIGHTSHIFT_TEST_SWITCH_SECONDS"
 POISON_ENV = "NIGHTSHIFT_TEST_POISON_SEED"
 KILLER_ENV = "NIGHTSHIFT_TEST_KILLER_SEED"
 
@@ -59,12 +62,15 @@ def install() -> None:
     mark = PhaseLog(os.environ.get(PHASES_ENV))
     pause = float(os.environ.get(WRITE_PAUSE_ENV, "0.02"))
     load_seconds = float(os.environ.get(LOAD_SECONDS_ENV, "0"))
+    switch_seconds = float(os.environ.get(SWITCH_SECONDS_ENV, "0"))
+    loads = [0]
 
     real_load, real_warm_up = loader.load, loader.warm_up
 
     def load(*args, **kwargs):
         mark("loading")
-        time.sleep(load_seconds)
+        time.sleep(load_seconds + (switch_seconds if loads[0] else 0))
+        loads[0] += 1
         return real_load(*args, **kwargs)
 
     def warm_up(*args, **kwargs):

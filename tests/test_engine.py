@@ -23,6 +23,22 @@ def claimed(i, text, kind="completion", **params):
     return Claimed(i, "job", i, kind, text, params, None)
 
 
+def fragile(model, tok, word="zebra"):
+    """The real model, except that it raises on one token, as a bad request might."""
+    poison = tok.encode(word)[0]
+
+    class Fragile:
+        def __getattr__(self, name):
+            return getattr(model, name)
+
+        def __call__(self, inputs, cache=None):
+            if (inputs == poison).any().item():
+                raise RuntimeError("poisoned")
+            return model(inputs, cache=cache)
+
+    return Fragile()
+
+
 def run(engine, batch):
     results = engine.add(batch)
     for _ in range(10_000):
@@ -93,20 +109,7 @@ def test_too_long_prompt_fails_alone(tiny):
 
 def test_a_request_that_breaks_the_batch_fails_alone(tiny):
     model, tok = tiny
-    poison = tok.encode("zebra")[0]
-
-    class Fragile:
-        """The real model, except that it raises on one token, as a bad request might."""
-
-        def __getattr__(self, name):
-            return getattr(model, name)
-
-        def __call__(self, inputs, cache=None):
-            if (inputs == poison).any().item():
-                raise RuntimeError("poisoned")
-            return model(inputs, cache=cache)
-
-    engine = Engine(Fragile(), tok, batch_size=4)
+    engine = Engine(fragile(model, tok), tok, batch_size=4)
     results = run(engine, [claimed(1, PROMPTS[0]), claimed(2, "zebra zebra"),
                            claimed(3, PROMPTS[1])])
     assert "poisoned" in results[2].error
@@ -119,18 +122,7 @@ def test_two_requests_that_always_break_the_batch_each_fail_alone(tiny):
     """Rerun one at a time, each suspect that breaks its step alone fails, even while
     another suspect waits; the engine does not put them back forever."""
     model, tok = tiny
-    poison = tok.encode("zebra")[0]
-
-    class Fragile:
-        def __getattr__(self, name):
-            return getattr(model, name)
-
-        def __call__(self, inputs, cache=None):
-            if (inputs == poison).any().item():
-                raise RuntimeError("poisoned")
-            return model(inputs, cache=cache)
-
-    engine = Engine(Fragile(), tok, batch_size=4)
+    engine = Engine(fragile(model, tok), tok, batch_size=4)
     batch = [claimed(1, PROMPTS[0]), claimed(2, "zebra"), claimed(3, "zebra zebra"),
              claimed(4, PROMPTS[1])]
     results = run(engine, batch)

@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import shutil
 
-import mlx.core as mx
 import mlx_lm
 import pytest
 from sqlalchemy import select
 
 from jobs.schema import workers
 from jobs.store import Store
-from tests.test_memory import TOLERANCE, measure_peak
+from tests.test_memory import TOLERANCE, peak_in_fresh_process
 from tests.tiny_models import build_tiny_nemotron_nas, generate_single
 from tests.workers import run_worker
 from worker import memory
@@ -101,10 +100,6 @@ def test_memory_estimate_within_15_percent(tmp_path, batch, context):
     """tests/test_memory.py checks the tiny Llama and the default model; this is the
     architecture whose KV cache differs per layer (real attention layers only)."""
     folder = build_tiny_nemotron_nas(tmp_path / "nemo")
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    model, _ = load(folder)
-    nemotron_nas.apply(model)
-    peak = measure_peak(model, batch, context)
+    peak = peak_in_fresh_process(folder, batch, context)
     estimate = memory.estimate(folder, batch_size=batch, context_tokens=context, device="cpu")
     assert abs(estimate.total / peak - 1) < TOLERANCE, (estimate.total, peak)

@@ -64,6 +64,27 @@ class JSONSerializer(Serializer):
         return Message(**fields)
 
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def check_url(url: str | None = None) -> str:
+    """The queue URL (``url`` or the configured one), once it is known to be usable with
+    what is installed; nothing is opened, so a submit can check it before storing.
+
+    Raises:
+        ConfigError: a Redis URL without the redis package installed.
+    """
+    url = url or settings.queue_url()
+    if url.startswith(REDIS_SCHEMES):
+        try:
+            import redis  # noqa: F401  (an optional extra; Huey's own message names no fix)
+        except ImportError as e:
+            raise ConfigError(
+                f"--queue-url / {settings.QUEUE_URL_ENV} is a Redis URL, but the redis "
+                "package is not installed: pip install 'nightshift[redis]'") from e
+    return url
+
+
 def make_huey(url: str | None = None) -> Huey:
     """The Huey instance for a queue URL: a SQLite file (default) or ``redis://``.
 
@@ -74,15 +95,9 @@ def make_huey(url: str | None = None) -> Huey:
     Raises:
         ConfigError: a Redis URL without the redis package installed.
     """
-    url = url or settings.queue_url()
+    url = check_url(url)
     common = {"results": False, "serializer": JSONSerializer(), "utc": True}
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        try:
-            import redis  # noqa: F401  (an optional extra; Huey's own message names no fix)
-        except ImportError as e:
-            raise ConfigError(
-                f"--queue-url / {settings.QUEUE_URL_ENV} is a Redis URL, but the redis "
-                "package is not installed: pip install 'nightshift[redis]'") from e
+    if url.startswith(REDIS_SCHEMES):
         # Plain RedisHuey has no priorities; the priority variant does.
         return PriorityRedisHuey(QUEUE_NAME, url=url, **common)
     path = url.removeprefix("sqlite:///").removeprefix("sqlite://")

@@ -158,7 +158,7 @@ class Worker:
             self._stopped()
             raise self.error
         recovered = self._recover()
-        queued = self.queue.enqueue(self._runnable())
+        queued = self._enqueue(self._runnable())
         log.info("worker %s ready: %s; put back %d requests left running by stopped "
                  "workers; %d queue tasks for waiting work", self.id,
                  self.loaded.describe() if self.loaded else "no model", recovered.requeued,
@@ -577,8 +577,18 @@ class Worker:
             for c in held:
                 self.put_back[c.job_id] = self.put_back.get(c.job_id, 0) + 1
             chunks = [ch for job in self.put_back for ch in self.store.chunks(job)]
-            self.queue.enqueue(chunks)
+            self._enqueue(chunks)
         self.engine.close()
+
+    def _enqueue(self, chunks: list[Chunk]) -> int:
+        """Queue tasks for work in the database; a queue that fails (Redis down, say) is
+        logged, not fatal: the database holds the work and every worker sweeps it."""
+        try:
+            return self.queue.enqueue(chunks)
+        except Exception:
+            log.exception("could not queue %d tasks; workers find the work in the database",
+                          len(chunks))
+            return 0
 
     # -- heartbeat thread -------------------------------------------------------------
 
