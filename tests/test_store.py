@@ -305,3 +305,73 @@ def test_heartbeats_are_judged_on_the_database_clock(store, monkeypatch):
     assert store.recover("me").requeued == 2
     assert store.live_workers() == []
     assert host_id().count("-") >= 1
+
+
+def test_a_real_deadlock_and_a_lost_connection_are_transient(store):
+    """What PostgreSQL raises when two transactions lock in a circle, or a connection
+    dies, is retried (``_transient``); a constraint violation is not."""
+    import threading
+
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
+    from jobs.store import _transient
+
+    if store.dialect != "postgresql":
+        pytest.skip("SQLite locks the whole database: no deadlock between rows")
+    a, _ = make_job(store, 1)
+    b, _ = make_job(store, 1)
+    errors: list[DBAPIError] = []
+    barrier = threading.Barrier(2)
+
+    def lock(first, second):
+        try:
+            with store.engine.connect() as conn, conn.begin():
+                conn.execute(text("SELECT 1 FROM jobs WHERE id = :id FOR UPDATE"), {"id": first})
+                barrier.wait()
+                conn.execute(text("SELECT 1 FROM jobs WHERE id = :id FOR UPDATE"),
+                             {"id": second})
+        except DBAPIError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=lock, args=p) for p in ((a, b), (b, a))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(errors) == 1 and _transient(errors[0]), errors
+
+    with store.engine.connect() as conn:
+        pid = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+        with store.engine.connect() as killer:
+            killer.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            killer.commit()
+        with pytest.raises(DBAPIError) as dropped:
+            conn.execute(text("SELECT 1"))
+    assert _transient(dropped.value)
+
+    with pytest.raises(DBAPIError) as duplicate, store.write() as conn:
+        conn.execute(text("INSERT INTO nightshift_migrations (name, applied_at) "
+                          "VALUES ('m001_initial', 0)"))
+    assert "duplicate key" in str(duplicate.value) and not _transient(duplicate.value)
+
+
+def test_host_ids_tell_containers_and_boots_apart(monkeypatch):
+    """Same hostname, different pid namespace (two containers) or boot: different hosts."""
+    from jobs import hosts
+
+    def host_id_with(**parts):
+        hosts.host_id.cache_clear()
+        for name, value in parts.items():
+            monkeypatch.setattr(hosts, name, lambda value=value: value)
+        try:
+            return hosts.host_id()
+        finally:
+            hosts.host_id.cache_clear()
+
+    here = host_id_with()
+    assert host_id_with(_pid_namespace="pid:[1]") != host_id_with(_pid_namespace="pid:[2]")
+    assert host_id_with(_boot_marker="boot-a") != host_id_with(_boot_marker="boot-b")
+    monkeypatch.undo()
+    hosts.host_id.cache_clear()
+    assert hosts.host_id() == here and here.startswith(__import__("socket").gethostname())
