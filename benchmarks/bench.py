@@ -811,7 +811,7 @@ def ingest(sizes: Sizes, work: Path, home: Path, c_job: str, clock: Clock) -> di
     counts = json.loads(status_json.stdout)["counts"]
     # The same reads in this process (the path the command takes), without interpreter
     # start-up and imports.
-    from jobs.reads import open_reads
+    from jobs.database import open_reads
 
     reads = open_reads(f"sqlite:///{ihome / 'nightshift.db'}")
     inproc = []

@@ -138,7 +138,7 @@ def status_cmd(job, limit, as_json):
     queued with no worker running is the classic overnight failure.
     """
     from cli.status_view import job_detail, overview
-    from jobs.reads import open_reads
+    from jobs.database import open_reads
 
     reads = open_reads()
     if job:
@@ -194,8 +194,8 @@ def export_cmd(job, fmt, out, force, raw_cells):
     nightshift export JOB -o results.jsonl
     nightshift export JOB --format csv > results.csv
     """
+    from jobs.database import open_reads
     from jobs.export import export
-    from jobs.reads import open_reads
 
     if raw_cells and fmt != "csv":
         raise click.UsageError("--raw-cells applies to --format csv only (JSONL is never "

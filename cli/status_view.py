@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from cli import output
-from jobs.reads import CANCELLED, DONE, FAILED, QUEUED, RUNNING, Reads
+from jobs.reads import Reads
+from jobs.vocabulary import CANCELLED, DONE, FAILED, QUEUED, RUNNING
 
 
 def _worker_json(w) -> dict:

@@ -33,3 +33,7 @@ class ConfigError(NightshiftError):
 
 class ResourceError(NightshiftError):
     """The machine cannot hold what was asked (memory, disk)."""
+
+
+def job_not_found(job_id: str) -> NotFound:
+    return NotFound(f"no job {job_id!r} (nightshift status lists the jobs)")

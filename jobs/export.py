@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import orjson
 
 from jobs.errors import NightshiftError
-from jobs.reads import DONE
+from jobs.vocabulary import DONE, ttft_seconds
 
 if TYPE_CHECKING:  # the CLI imports this module for FORMATS: keep it light
     from jobs.reads import Reads
@@ -37,10 +37,10 @@ FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def _timings(row, queued_at: float) -> dict:
-    ttft = row.first_token_at - row.started_at if row.first_token_at and row.started_at else None
     return {
         "queued_at": queued_at, "started_at": row.started_at,
-        "first_token_at": row.first_token_at, "finished_at": row.finished_at, "ttft_s": ttft,
+        "first_token_at": row.first_token_at, "finished_at": row.finished_at,
+        "ttft_s": ttft_seconds(row.started_at, row.first_token_at),
         "prompt_tps": row.prompt_tps, "generation_tps": row.generation_tps,
     }
 

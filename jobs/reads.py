@@ -20,23 +20,19 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from jobs import migrations, settings
-from jobs.errors import NightshiftError, NotFound
+from jobs.errors import NightshiftError, job_not_found
 from jobs.hosts import host_id, pid_alive
+from jobs.vocabulary import (
+    DONE,
+    DONE_TTFT_WHERE,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    STATUSES,
+    TTFT,
+    count_column,
+)
 
-QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
-TERMINAL = (DONE, FAILED, CANCELLED)
-STATUSES = (QUEUED, RUNNING) + TERMINAL
-
-
-def count_column(status: str) -> str:
-    """The ``jobs`` column counting a job's requests in ``status``."""
-    return f"n_{status}"
-
-
-# The partial index over done requests' time to first token (jobs/schema.py): the
-# queries below repeat its condition word for word, as SQLite needs to use it.
-DONE_TTFT_WHERE = "status = 'done' AND first_token_at IS NOT NULL"
-TTFT = "first_token_at - started_at"
 # A job still being stored names its submitter (jobs/store.py ``create_job``); until
 # the transaction that makes it whole, status does not show it.
 WHOLE = "submitter IS NULL"
@@ -129,10 +125,6 @@ class JobSummary:
             "eta_seconds": self.eta_seconds,
             "peak_memory_bytes": self.peak_memory,
         }
-
-
-def job_not_found(job_id: str) -> NotFound:
-    return NotFound(f"no job {job_id!r} (nightshift status lists the jobs)")
 
 
 # The database's clock, in Unix seconds. Heartbeats are written and judged on it, so
@@ -295,46 +287,4 @@ def _connect(path: Path) -> sqlite3.Connection:
                           "folder writable while a nightshift process has it open)") from error
 
 
-def sqlite_file(url: str) -> Path | None:
-    """The file of a plain ``sqlite:///PATH`` URL; None for anything else (another
-    database, in-memory, URL options)."""
-    prefix = "sqlite:///"
-    if not url.startswith(prefix) or "?" in url:
-        return None
-    path = url[len(prefix):]
-    return Path(path) if path and path != ":memory:" else None
-
-
-def open_reads(url: str | None = None) -> Reads:
-    """The reads for the results database: sqlite3 on an existing, fully migrated SQLite
-    file (which need not be writable); otherwise a Store (which creates or migrates the
-    database first).
-
-    Raises:
-        NightshiftError: the SQLite file cannot be read, or created or migrated.
-    """
-    url = url or settings.database_url()
-    path = sqlite_file(url)
-    if path is not None and path.is_file():
-        reads = SqliteReads(path)
-        if reads.migrated():
-            return reads
-        reads.close()
-    from sqlalchemy.exc import OperationalError
-
-    from jobs.store import Store
-
-    try:
-        return Store(url)
-    except OperationalError as e:
-        if path is None:
-            raise
-        raise NightshiftError(
-            f"cannot {'upgrade' if path.is_file() else 'create'} the database {path} "
-            f"({e.orig}): run nightshift once where it can write there, or choose another "
-            f"--home / {settings.HOME_ENV}") from e
-
-
-__all__ = ["Reads", "SqliteReads", "JobSummary", "open_reads", "sqlite_file", "db_now_sql",
-           "count_column", "job_not_found", "QUEUED", "RUNNING", "DONE", "FAILED",
-           "CANCELLED", "TERMINAL", "STATUSES"]
+__all__ = ["Reads", "SqliteReads", "JobSummary", "db_now_sql"]

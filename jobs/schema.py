@@ -22,7 +22,7 @@ from sqlalchemy import (
     text,
 )
 
-from jobs.reads import DONE_TTFT_WHERE, STATUSES, TTFT, count_column
+from jobs.vocabulary import DONE_TTFT_WHERE, STATUSES, TTFT, count_column
 
 metadata = MetaData()
 
@@ -112,7 +112,7 @@ workers = Table(
     Column("pid", Integer, nullable=False),
     Column("serves", Text),  # --model: the only model it serves; NULL = any
     Column("model", Text),  # the model loaded now
-    Column("state", String(16), nullable=False),  # loading | idle | running | stopped
+    Column("state", String(16), nullable=False),  # a jobs.vocabulary.WorkerState
     Column("compute", Text),  # the compute plan, one line
     Column("memory", Text),  # the memory estimate, one line
     Column("batch_size", Integer),

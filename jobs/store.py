@@ -17,7 +17,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import orjson
 from sqlalchemy import (
@@ -36,22 +35,23 @@ from sqlalchemy import (
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
 from jobs import hosts, migrations, schema, settings
-from jobs.errors import ConfigError, NightshiftError
+from jobs.errors import ConfigError, NightshiftError, job_not_found
 from jobs.formats import Params, RequestSpec
-from jobs.reads import (
+from jobs.reads import Reads, db_now_sql
+from jobs.schema import jobs, model_switches, requests, workers
+from jobs.vocabulary import (
     CANCELLED,
     DONE,
     FAILED,
     QUEUED,
     RUNNING,
-    TERMINAL,
-    JobSummary,
-    Reads,
+    Chunk,
+    Claimed,
+    Recovered,
+    Result,
+    WorkerState,
     count_column,
-    db_now_sql,
-    job_not_found,
 )
-from jobs.schema import jobs, model_switches, requests, workers
 
 # SQLite settings, chosen on purpose (see README "Guarantees"):
 # - WAL: readers (status, export) never block the worker's writes, nor it theirs.
@@ -72,79 +72,6 @@ RETRY_SECONDS = 120.0
 # serialization failure, lock not available; class 08 is a lost connection.
 _TRANSIENT_SQLSTATES = {"40P01", "40001", "55P03"}
 log = logging.getLogger("nightshift.store")
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """A range of a job's requests, as the queue carries it."""
-
-    job_id: str
-    lo: int
-    hi: int  # inclusive
-    priority: int = 0
-    not_before: float | None = None
-    model: str = ""
-
-    def to_args(self) -> list:
-        return [self.job_id, self.lo, self.hi]
-
-
-@dataclass
-class Claimed:
-    """A request taken by a worker, with what it needs to run it."""
-
-    id: int
-    job_id: str
-    seq: int
-    kind: str
-    body: object  # messages list or prompt string
-    params: dict  # job defaults merged with the line's overrides
-    system: str | None
-    lost: int = 0  # times a worker died while running it
-
-
-@dataclass
-class Result:
-    """The outcome of one request, as the worker reports it."""
-
-    id: int
-    job_id: str
-    started_at: float
-    finished_at: float
-    first_token_at: float | None = None
-    response: str | None = None
-    finish_reason: str | None = None
-    prompt_tokens: int | None = None
-    cached_tokens: int | None = None
-    completion_tokens: int | None = None
-    error: str | None = None
-
-    @property
-    def status(self) -> str:
-        return FAILED if self.error is not None else DONE
-
-    @property
-    def prompt_tps(self) -> float | None:
-        """Prompt tokens computed here (not taken from a shared prefix) per second of
-        prefill, from admission to the first token."""
-        prefill_time = (self.first_token_at - self.started_at) if self.first_token_at else None
-        computed = (self.prompt_tokens or 0) - (self.cached_tokens or 0)
-        return computed / prefill_time if prefill_time else None
-
-    @property
-    def generation_tps(self) -> float | None:
-        """Tokens per second of decode: the first token comes from prefill, the rest
-        from decode steps."""
-        gen_time = (self.finished_at - self.first_token_at) if self.first_token_at else None
-        return ((self.completion_tokens or 1) - 1) / gen_time if gen_time else None
-
-
-@dataclass(frozen=True)
-class Recovered:
-    """What taking back a dead worker's requests did."""
-
-    requeued: int  # queued again, to run isolated (see ``claim_lost``)
-    failed: int  # lost too often: failed with the reason
 
 
 def new_job_id() -> str:
@@ -648,7 +575,7 @@ class Store(Reads):
             now = literal_column(db_now_sql(conn.dialect.name))
             conn.execute(
                 workers.insert().values(
-                    id=worker_id, host=host, pid=pid, serves=serves, state="loading",
+                    id=worker_id, host=host, pid=pid, serves=serves, state=WorkerState.LOADING,
                     started_at=now, heartbeat_at=now,
                 )
             )
@@ -930,7 +857,4 @@ def _add_to_job_totals(conn: Connection, job_id: str, results: list[Result], pea
     conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
 
 
-__all__ = [
-    "Store", "Chunk", "Claimed", "Result", "Recovered", "JobSummary", "worker_identity",
-    "QUEUED", "RUNNING", "DONE", "FAILED", "CANCELLED", "TERMINAL",
-]
+__all__ = ["Store", "worker_identity", "new_job_id", "submitter_identity", "submitter_gone"]

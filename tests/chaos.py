@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from jobs import settings
-from jobs.store import DONE, Store
+from jobs.store import Store
+from jobs.vocabulary import DONE
 
 REPO = Path(__file__).resolve().parent.parent
 PUT_BACK = re.compile(r"put back (\d+) unfinished requests")

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from jobs.store import Chunk, Result
 from jobs.submit import JobOptions, submit
+from jobs.vocabulary import Chunk, Result
 from tests.backends import redis_queue
 from worker.queue import Queue
 

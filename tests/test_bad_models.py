@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.store import DONE, FAILED, QUEUED, Store
+from jobs.store import Store
+from jobs.vocabulary import DONE, FAILED, QUEUED
 from tests.chaos import install_model, run_cli, start_worker, submit, write_prompts
 from worker.queue import Queue
 

@@ -17,7 +17,8 @@ from collections import Counter
 
 import pytest
 
-from jobs.store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, Store
+from jobs.store import Store
+from jobs.vocabulary import CANCELLED, DONE, FAILED, QUEUED, RUNNING
 from tests.chaos import REPO, counts, env, run_cli, start_worker, submit, write_prompts
 
 pytestmark = pytest.mark.slow

@@ -22,7 +22,8 @@ import pytest
 from sqlalchemy import select, update
 
 from jobs.schema import requests, workers
-from jobs.store import QUEUED, RUNNING, Store
+from jobs.store import Store
+from jobs.vocabulary import QUEUED, RUNNING
 from tests.chaos import (
     PUT_BACK,
     Phases,

@@ -16,7 +16,8 @@ import pytest
 from sqlalchemy import func, select
 
 from jobs.schema import jobs, requests
-from jobs.store import DONE, Store
+from jobs.store import Store
+from jobs.vocabulary import DONE
 from tests.chaos import REPO, env, run_cli
 
 N_BIG = 60_000  # lines in the file a submit is killed in the middle of
@@ -36,7 +37,8 @@ def test_sqlite_settings_are_in_force_on_every_connection(home):
 _FINISH_SCRIPT = """
 import io, os, time
 from jobs.formats import iter_requests
-from jobs.store import Result, Store
+from jobs.store import Store
+from jobs.vocabulary import Result
 store = Store()
 mark = os.open(os.devnull, os.O_WRONLY)
 os.write(mark, b"SUBMIT")

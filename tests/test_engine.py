@@ -7,7 +7,7 @@ import mlx.core as mx
 import mlx_lm
 import pytest
 
-from jobs.store import Claimed
+from jobs.vocabulary import Claimed
 from tests.tiny_models import generate_single
 from worker.engine import Engine
 from worker.prefix import PrefixCache, common_prefix

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from jobs.schema import jobs, requests
-from jobs.store import DONE, FAILED, Store
+from jobs.store import Store
+from jobs.vocabulary import DONE, FAILED
 from tests.test_formats import json_values, shaped_values, valid_lines
 
 EXAMPLES = Counter()  # Hypothesis examples run, by test, for the report

@@ -31,7 +31,8 @@ from pathlib import Path
 import pytest
 
 from jobs import settings
-from jobs.store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, Store
+from jobs.store import Store
+from jobs.vocabulary import CANCELLED, DONE, FAILED, QUEUED, RUNNING
 from tests.backends import postgres_database, redis_queue
 from tests.chaos import in_home, install_model, run_cli, start_worker
 

@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from jobs import migrations, schema
-from jobs.reads import open_reads
+from jobs.database import open_reads
 from jobs.store import Store
 from tests.backends import postgres_database
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs.store import Result, Store
+from jobs.store import Store
 from jobs.submit import JobOptions, submit
+from jobs.vocabulary import Result
 from worker import registry
 
 REPO = Path(__file__).resolve().parent.parent

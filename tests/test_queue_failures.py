@@ -11,7 +11,8 @@ import sqlite3
 import pytest
 
 from jobs import settings
-from jobs.store import Chunk, Store
+from jobs.store import Store
+from jobs.vocabulary import Chunk
 from worker.queue import Queue, enqueue_stored, make_huey
 
 

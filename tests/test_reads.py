@@ -15,8 +15,10 @@ from pathlib import Path
 from sqlalchemy import text
 
 from jobs import migrations, settings
-from jobs.reads import STATUSES, SqliteReads, count_column, open_reads
-from jobs.store import Result, Store
+from jobs.database import open_reads
+from jobs.reads import SqliteReads
+from jobs.store import Store
+from jobs.vocabulary import STATUSES, Result, count_column
 from tests.test_store import make_job
 
 REPO = Path(__file__).resolve().parent.parent

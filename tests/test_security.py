@@ -15,7 +15,8 @@ import sqlalchemy
 from sqlalchemy import event, func, select
 
 from jobs.schema import jobs, requests
-from jobs.store import DONE, Store
+from jobs.store import Store
+from jobs.vocabulary import DONE
 from tests.chaos import install_model, run_cli, start_worker, submit, write_prompts
 from tests.workers import wait_for
 from worker.queue import Queue

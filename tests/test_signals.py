@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from jobs.store import DONE, QUEUED, Store
+from jobs.store import Store
+from jobs.vocabulary import DONE, QUEUED
 from tests.chaos import PUT_BACK, Phases, install_model, start_worker, submit, write_prompts
 from tests.workers import wait_for
 

@@ -12,8 +12,9 @@ import pytest
 from jobs import migrations as migrations_module
 from jobs import settings
 from jobs.errors import InputError, NotFound
-from jobs.store import Chunk, Recovered, Result, Store
+from jobs.store import Store
 from jobs.submit import JobOptions, parse_at, submit
+from jobs.vocabulary import Chunk, Recovered, Result
 
 
 def lines(*objs) -> io.BytesIO:

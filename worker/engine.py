@@ -18,7 +18,7 @@ from mlx_lm.generate import BatchGenerator, make_stop_sequences
 from mlx_lm.sample_utils import apply_top_p
 
 from jobs import settings
-from jobs.store import Claimed, Result
+from jobs.vocabulary import Claimed, Result
 from worker.prefix import PrefixCache
 
 log = logging.getLogger("nightshift.engine")

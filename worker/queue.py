@@ -17,6 +17,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from huey import Huey, PriorityRedisHuey, SqliteHuey
 from huey.registry import Message
@@ -24,7 +25,10 @@ from huey.serializer import Serializer
 
 from jobs import settings
 from jobs.errors import ConfigError
-from jobs.store import Chunk, Store
+from jobs.vocabulary import Chunk
+
+if TYPE_CHECKING:
+    from jobs.store import Store
 
 TASK_NAME = "run_chunk"
 TASK_ID = f"{__name__}.{TASK_NAME}"  # how Huey names it in each message

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from jobs import settings
 from jobs.errors import ModelError, NotFound
-from jobs.reads import pid_alive
+from jobs.hosts import pid_alive
 
 if TYPE_CHECKING:
     from worker.convert import ConvertOptions

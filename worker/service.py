@@ -29,7 +29,8 @@ from huey.consumer import Consumer, ConsumerStopped
 
 from jobs import settings
 from jobs.errors import NightshiftError, ResourceError
-from jobs.store import Chunk, Recovered, Result, Store, worker_identity
+from jobs.store import Store, worker_identity
+from jobs.vocabulary import Chunk, Recovered, Result, WorkerState
 from worker import loader
 from worker.engine import Engine
 from worker.prefix import PrefixCache
@@ -106,7 +107,7 @@ class Worker:
         self.id, self.host, self.pid = worker_identity()
         self.loaded: loader.LoadedModel | None = None
         self.engine: Engine | None = None
-        self.state = "loading"
+        self.state = WorkerState.LOADING
         self.chunks: list[tuple[int, int, Chunk]] = []  # (-priority, arrival, chunk)
         self._arrivals = 0
         self._lock = threading.Condition()
@@ -167,7 +168,7 @@ class Worker:
         while engine_thread.is_alive():  # a second SIGINT still stops it at once
             engine_thread.join(0.1)
             self._act_on_signals()
-            if self.engine is None and self.state == "loading":
+            if self.engine is None and self.state == WorkerState.LOADING:
                 # Switching models: nothing is held, and a big model's load can take
                 # minutes; the stop should not wait for it.
                 self.abandoned_loading = True
@@ -250,7 +251,7 @@ class Worker:
 
     def _stopped(self) -> None:
         try:
-            self._beat(state="stopped", stopped_at=time.time())
+            self._beat(state=WorkerState.STOPPED, stopped_at=time.time())
         except Exception:  # the database may be what failed; the exit says so
             log.exception("could not record that worker %s stopped", self.id)
 
@@ -337,10 +338,10 @@ class Worker:
             if engine is not None:
                 self._fill()
                 if engine.busy or engine.suspects:
-                    self.state = "running"
+                    self.state = WorkerState.RUNNING
                     self._store(engine.step())
                     continue
-            self.state = "idle"
+            self.state = WorkerState.IDLE
             if now - last_sweep > SWEEP_SECONDS:
                 # Lost queue tasks, and work for other models, are found here.
                 for chunk in self._runnable():
@@ -518,7 +519,7 @@ class Worker:
             self.short_of_memory.discard(target)
             return True
         except NightshiftError as exc:
-            self.state = "idle"
+            self.state = WorkerState.IDLE
             self.unavailable[target] = time.monotonic() + UNAVAILABLE_SECONDS
             with self._lock:
                 self.chunks = [e for e in self.chunks if e[2].model != target]
@@ -536,15 +537,15 @@ class Worker:
 
     def _switch_to(self, name: str) -> None:
         previous = self.loaded.name if self.loaded else None
-        self.state = "loading"
+        self.state = WorkerState.LOADING
         if self.engine is not None:
             self.engine.close()
             self.engine = None
         unload_s = loader.unload(self.loaded) if self.loaded else 0.0
         self.loaded = None
         loaded = loader.load(name, self.options.load)
-        self.state = "warming"
-        self.store.update_worker(self.id, state="warming", model=name)
+        self.state = WorkerState.WARMING
+        self.store.update_worker(self.id, state=WorkerState.WARMING, model=name)
         loader.warm_up(loaded)
         self._read_mlx_peak()
         self.loaded = loaded
@@ -554,7 +555,7 @@ class Worker:
                              planned_tokens=loaded.planned_tokens, prefix_cache=prefixes)
         self._lost_waiting = self.store.has_lost(name)
         self.store.update_worker(
-            self.id, model=name, state="idle", compute=loaded.plan.describe(),
+            self.id, model=name, state=WorkerState.IDLE, compute=loaded.plan.describe(),
             memory=loaded.estimate.describe() if loaded.estimate else None,
             batch_size=loaded.plan.batch_size,
             load_seconds=loaded.load_seconds, warmup_seconds=loaded.warmup_seconds,
@@ -564,7 +565,7 @@ class Worker:
                                      loaded.warmup_seconds)
             log.info("switched model %s -> %s (unload %.1f s, load %.1f s, warm-up %.1f s)",
                      previous, name, unload_s, loaded.load_seconds, loaded.warmup_seconds)
-        self.state = "idle"
+        self.state = WorkerState.IDLE
 
     def _shutdown(self) -> None:
         """Put every request still held back in the queue, for the next worker."""
