@@ -8,7 +8,6 @@ import time
 import click
 
 from cli import output
-from cli.main import cli
 from jobs import settings
 from jobs.export import FORMATS
 
@@ -32,7 +31,7 @@ def _enqueue(store, job_id: str) -> tuple[int, str | None]:
     return tasks, warning
 
 
-@cli.command("submit")
+@click.command("submit")
 @click.argument("file", type=click.Path(allow_dash=True, dir_okay=False))
 @click.option("--model", "-m", help="Model: a registry name, a model folder or an org/name "
               f"repo id [default: the lines' body.model, else {settings.DEFAULT_MODEL}].")
@@ -127,7 +126,7 @@ def _size(f) -> int | None:
         return None
 
 
-@cli.command("status")
+@click.command("status")
 @click.argument("job", required=False)
 @click.option("--limit", type=int, default=20, show_default=True, help="Jobs to list.")
 @output.json_option
@@ -147,7 +146,7 @@ def status_cmd(job, limit, as_json):
         overview(reads, limit, as_json)
 
 
-@cli.command("cancel")
+@click.command("cancel")
 @click.argument("job")
 @output.json_option
 def cancel_cmd(job, as_json):
@@ -161,7 +160,7 @@ def cancel_cmd(job, as_json):
         output.echo(f"cancelled {n} queued requests of job {job}")
 
 
-@cli.command("retry")
+@click.command("retry")
 @click.argument("job")
 @output.json_option
 def retry_cmd(job, as_json):
@@ -177,7 +176,7 @@ def retry_cmd(job, as_json):
         output.echo(f"queued {n} failed requests of job {job} again")
 
 
-@cli.command("export")
+@click.command("export")
 @click.argument("job")
 @click.option("--format", "fmt", type=click.Choice(sorted(FORMATS)), default="jsonl",
               show_default=True, help="jsonl: OpenAI Batch output lines; csv: a flat table.")

@@ -5,11 +5,10 @@ from __future__ import annotations
 import click
 
 from cli import output
-from cli.main import cli
 from worker.convert import BITS, GROUP_SIZES, RECIPES
 
 
-@cli.group("models")
+@click.group("models")
 def models():
     """List, pull, import, convert and remove local models."""
 

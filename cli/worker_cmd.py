@@ -8,10 +8,8 @@ import sys
 
 import click
 
-from cli.main import cli
 
-
-@cli.command("worker")
+@click.command("worker")
 @click.option("--model", "-m", help="Serve only this model (default: whatever the jobs ask "
               "for, switching between models one at a time).")
 @click.option("--drain", is_flag=True, help="Exit when no runnable work is left.")

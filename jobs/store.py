@@ -554,10 +554,6 @@ class Store(Reads):
 
     # -- reading -----------------------------------------------------------------
 
-    def job_defaults(self, job_id: str) -> dict:
-        with self.read() as conn:
-            return json.loads(_job_row(conn, job_id).defaults)
-
     @_retrying
     def has_runnable(self, model: str | None = None, now: float | None = None) -> bool:
         """Whether any queued request could start now (of ``model``'s jobs)."""

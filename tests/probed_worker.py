@@ -88,21 +88,29 @@ def install() -> None:
 
     engine.Engine.step = step
 
-    real_totals = store._add_to_job_totals
+    # Through public seams only: Store.finish, and SQLAlchemy's commit event, which
+    # fires inside the results transaction after its rows are written and before the
+    # COMMIT reaches the database.
+    import threading
 
-    def add_to_job_totals(*args, **kwargs):
-        # Called inside Store.finish's transaction, after the request rows are
-        # updated and before the commit.
-        mark("writing")
-        real_totals(*args, **kwargs)
-        time.sleep(pause)
+    from sqlalchemy import Engine, event
 
-    store._add_to_job_totals = add_to_job_totals
+    finishing = threading.local()
+
+    @event.listens_for(Engine, "commit")
+    def before_commit(_conn):
+        if getattr(finishing, "active", False):
+            mark("writing")
+            time.sleep(pause)
 
     real_finish = store.Store.finish
 
     def finish(self, *args, **kwargs):
-        stored = real_finish(self, *args, **kwargs)
+        finishing.active = True
+        try:
+            stored = real_finish(self, *args, **kwargs)
+        finally:
+            finishing.active = False
         mark("stored")
         return stored
 

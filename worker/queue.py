@@ -212,9 +212,6 @@ class Queue:
         """Tasks waiting in the queue now (not counting scheduled ones)."""
         return self.huey.pending_count()
 
-    def scheduled(self) -> int:
-        return self.huey.scheduled_count()
-
 
 def enqueue_stored(store: Store, job_id: str, url: str | None = None) -> tuple[int, str | None]:
     """Queue the queued requests of a job already stored; returns (tasks, None), or
