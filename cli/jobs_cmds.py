@@ -15,20 +15,11 @@ from jobs.export import FORMATS
 # rich or the worker (see jobs/reads.py).
 
 
-def _enqueue(store, job_id: str) -> tuple[int, str | None]:
-    """Queue a stored job's queued requests; returns (tasks, warning). A queue that fails
-    is a warning on stderr, not an error: the job is stored, and workers find it in the
-    database, so submitting it again would run every prompt twice."""
-    from worker.queue import enqueue_stored
-
-    tasks, problem = enqueue_stored(store, job_id)
-    if problem is None:
-        return tasks, None
-    warning = (f"job {job_id} is stored but could not be queued ({problem}); workers "
-               "find it in the database (a running one within seconds, any other when it "
-               "starts): do not submit it again")
-    click.echo(f"warning: {output.printable(warning)}", err=True)
-    return tasks, warning
+def _warn(warning: str | None) -> None:
+    """A queue that failed once the job was stored: a warning, not an error (see
+    worker/dispatch.py)."""
+    if warning:
+        click.echo(f"warning: {output.printable(warning)}", err=True)
 
 
 @click.command("submit")
@@ -67,8 +58,10 @@ def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, sy
     from jobs.errors import InputError
     from jobs.formats import Params
     from jobs.store import Store
-    from jobs.submit import JobOptions, parse_at, submit
+    from jobs.submit import JobOptions, parse_at
     from worker import registry
+    from worker.dispatch import submit
+    from worker.queue import check_url
 
     try:
         not_before = parse_at(at) if at else None
@@ -82,12 +75,10 @@ def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, sy
     )
     source = "<stdin>" if file == "-" else file
     store = Store()
-    from worker.queue import check_url
-
     check_url()  # a queue URL that cannot work with what is installed: before storing
     try:
         if file == "-":
-            job_id, count = submit(store, sys.stdin.buffer, source, options, registry.reference)
+            done = submit(store, sys.stdin.buffer, source, options, registry.reference)
         else:
             try:
                 f = open(file, "rb")
@@ -97,7 +88,7 @@ def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, sy
                 stream = f
                 if not output.quiet_unless_tty(quiet or as_json):
                     stream = wrap_file(f, total=_size(f), description="checking and storing")
-                job_id, count = submit(store, stream, source, options, registry.reference)
+                done = submit(store, stream, source, options, registry.reference)
     except InputError as exc:
         for problem in exc.problems:
             click.echo(output.printable(problem), err=True)
@@ -106,15 +97,16 @@ def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, sy
         raise click.ClickException(
             f"{output.printable(source)}: nothing was queued; fix the lines above and submit again"
         ) from None
-    tasks, warning = _enqueue(store, job_id)
+    _warn(done.warning)
     if as_json:
-        output.print_json({"id": job_id, "requests": count, "queue_tasks": tasks,
-                           "not_before": not_before, "warning": warning})
+        output.print_json({"id": done.job_id, "requests": done.requests,
+                           "queue_tasks": done.queue_tasks, "not_before": not_before,
+                           "warning": done.warning})
         return
-    click.echo(job_id)
+    click.echo(done.job_id)
     when = f", not before {output.when(not_before)}" if not_before else ""
-    click.echo(f"{'stored' if warning else 'queued'} {count} requests as job {job_id}{when}",
-               err=True)
+    click.echo(f"{'stored' if done.warning else 'queued'} {done.requests} requests as job "
+               f"{done.job_id}{when}", err=True)
 
 
 def _size(f) -> int | None:
@@ -169,7 +161,10 @@ def retry_cmd(job, as_json):
 
     store = Store()
     n = store.retry(job)
-    warning = _enqueue(store, job)[1] if n else None
+    from worker.dispatch import queue_job
+
+    warning = queue_job(store, job)[1] if n else None
+    _warn(warning)
     if as_json:
         output.print_json({"id": job, "requeued": n, "warning": warning})
     else:

@@ -13,7 +13,8 @@ import pytest
 from jobs import settings
 from jobs.store import Store
 from jobs.vocabulary import Chunk
-from worker.queue import Queue, enqueue_stored, make_huey
+from worker.dispatch import queue_job
+from worker.queue import Queue, make_huey
 
 
 @pytest.fixture
@@ -54,7 +55,8 @@ def test_an_interrupt_while_queueing_still_reports_the_stored_job(invoke, prompt
     out = json.loads(invoke("submit", prompts, "--model", "org/m", "--json").stdout)
     assert (out["queue_tasks"], out["warning"].split(" (")[0]) == (
         0, f"job {out['id']} is stored but could not be queued")
-    assert enqueue_stored(Store(), out["id"]) == (0, "interrupted")
+    tasks, warning = queue_job(Store(), out["id"])
+    assert tasks == 0 and "could not be queued (interrupted)" in warning
 
 
 def test_retry_with_a_failing_queue_warns_and_the_requests_are_queued(

@@ -17,7 +17,6 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from huey import Huey, PriorityRedisHuey, SqliteHuey
 from huey.registry import Message
@@ -26,9 +25,6 @@ from huey.serializer import Serializer
 from jobs import settings
 from jobs.errors import ConfigError
 from jobs.vocabulary import Chunk
-
-if TYPE_CHECKING:
-    from jobs.store import Store
 
 TASK_NAME = "run_chunk"
 TASK_ID = f"{__name__}.{TASK_NAME}"  # how Huey names it in each message
@@ -177,29 +173,31 @@ class Queue:
         self.huey = make_huey(url)
         self._handler = handler
 
-        @self.huey.task(name=TASK_NAME)
-        def run_chunk(job_id: str, lo: int, hi: int, order: int = 0, model: str = ""):
+        # The chunk's priority travels as the message's own (Huey orders by it, and
+        # `.s(priority=...)` takes that keyword for itself); the task reads it back.
+        @self.huey.task(name=TASK_NAME, context=True)
+        def run_chunk(job_id: str, lo: int, hi: int, model: str = "",
+                      not_before: float | None = None, task=None, **_older):
+            # _older: keywords of tasks queued by earlier releases ("order").
             if self._handler is None:
                 raise RuntimeError("this queue has no worker attached")
-            self._handler(Chunk(job_id, lo, hi, order, None, model))
+            self._handler(Chunk(job_id, lo, hi, task.priority or 0, not_before, model))
 
         self._task = run_chunk
 
-    def enqueue(self, chunks: Iterable[Chunk], *, delay: float | None = None) -> int:
-        """Queue chunks, highest priority served first.
-
-        A chunk whose job has ``not_before`` in the future is scheduled for then
-        (Huey keeps the schedule across restarts); ``delay`` postpones the others.
-        """
+    def enqueue(self, chunks: Iterable[Chunk]) -> int:
+        """Queue chunks, highest priority served first (worker/dispatch.py is the one
+        caller). A chunk whose job has ``not_before`` in the future is scheduled for then
+        (Huey keeps the schedule across restarts)."""
         count = 0
         now = dt.datetime.now(dt.timezone.utc).timestamp()
         for chunk in chunks:
             # Huey compares etas as naive UTC datetimes when utc=True; a datetime ends
             # with year 9999 (`submit --at` refuses later times; older jobs may have one).
-            start = min(max(chunk.not_before or 0, now + (delay or 0)), settings.LATEST_START)
+            start = min(chunk.not_before or 0, settings.LATEST_START)
             eta = (dt.datetime.fromtimestamp(start, dt.timezone.utc).replace(tzinfo=None)
                    if start > now else None)
-            kwargs = {"order": chunk.priority, "model": chunk.model}
+            kwargs = {"model": chunk.model, "not_before": chunk.not_before}
             args = (chunk.job_id, chunk.lo, chunk.hi)
             if eta is None:
                 self.huey.enqueue(self._task.s(*args, priority=chunk.priority, **kwargs))
@@ -211,19 +209,3 @@ class Queue:
     def pending(self) -> int:
         """Tasks waiting in the queue now (not counting scheduled ones)."""
         return self.huey.pending_count()
-
-
-def enqueue_stored(store: Store, job_id: str, url: str | None = None) -> tuple[int, str | None]:
-    """Queue the queued requests of a job already stored; returns (tasks, None), or
-    (0, why) when the queue could not take them.
-
-    Never raises: the job is committed in the database, the truth, and a worker's sweep
-    of the database finds it whatever happens here. An error would make the user submit
-    again, and every prompt would run twice.
-    """
-    try:
-        return Queue(url).enqueue(store.chunks(job_id)), None
-    except Exception as exc:  # any queue failure: the job runs anyway (see above)
-        return 0, f"{type(exc).__name__}: {exc}"
-    except KeyboardInterrupt:  # must not read as "not submitted": the job is stored
-        return 0, "interrupted"

@@ -31,7 +31,7 @@ from jobs import settings
 from jobs.errors import NightshiftError, ResourceError
 from jobs.store import Store, worker_identity
 from jobs.vocabulary import Chunk, Recovered, Result, WorkerState
-from worker import loader
+from worker import dispatch, loader
 from worker.engine import Engine
 from worker.prefix import PrefixCache
 from worker.queue import Queue
@@ -159,7 +159,8 @@ class Worker:
             self._stopped()
             raise self.error
         recovered = self._recover()
-        queued = self._enqueue(self._runnable())
+        queued = dispatch.queue_runnable(self.store, self.queue, self.options.serves,
+                                         self.unavailable)
         log.info("worker %s ready: %s; put back %d requests left running by stopped "
                  "workers; %d queue tasks for waiting work", self.id,
                  self.loaded.describe() if self.loaded else "no model", recovered.requeued,
@@ -452,11 +453,9 @@ class Worker:
 
     def _runnable(self) -> list[Chunk]:
         """Chunks that may start now, of models this worker serves and can load."""
-        now, clock = time.time(), time.monotonic()
+        clock = time.monotonic()
         self.unavailable = {m: t for m, t in self.unavailable.items() if t > clock}
-        return [c for c in self.store.runnable_chunks(self.options.serves)
-                if (not c.not_before or c.not_before <= now)
-                and c.model not in self.unavailable]
+        return dispatch.runnable(self.store, self.options.serves, self.unavailable)
 
     def _has_work(self) -> bool:
         engine = self.engine
@@ -577,19 +576,8 @@ class Worker:
             self.store.release([c.id for c in held], self.id)
             for c in held:
                 self.put_back[c.job_id] = self.put_back.get(c.job_id, 0) + 1
-            chunks = [ch for job in self.put_back for ch in self.store.chunks(job)]
-            self._enqueue(chunks)
+            dispatch.queue_jobs(self.store, self.queue, self.put_back)
         self.engine.close()
-
-    def _enqueue(self, chunks: list[Chunk]) -> int:
-        """Queue tasks for work in the database; a queue that fails (Redis down, say) is
-        logged, not fatal: the database holds the work and every worker sweeps it."""
-        try:
-            return self.queue.enqueue(chunks)
-        except Exception:
-            log.exception("could not queue %d tasks; workers find the work in the database",
-                          len(chunks))
-            return 0
 
     # -- heartbeat thread -------------------------------------------------------------
 
