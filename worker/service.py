@@ -35,6 +35,7 @@ from worker import dispatch, loader
 from worker.engine import Engine
 from worker.prefix import PrefixCache
 from worker.queue import Queue
+from worker.scheduler import Scheduler
 
 log = logging.getLogger("nightshift.worker")
 SWEEP_SECONDS = 1.0  # how often an idle worker looks in the database for lost work
@@ -57,14 +58,6 @@ class WorkerOptions:
     # A request whose worker died this many times while running it is failed.
     max_attempts: int = settings.DEFAULT_MAX_ATTEMPTS
     load: loader.LoadOptions | None = None
-
-
-class _Consumer(Consumer):
-    """Huey's consumer without its signal handlers: the worker's own decide the stop
-    (Huey's would make SIGTERM a graceful stop, or a second SIGINT an exception)."""
-
-    def _set_signal_handlers(self) -> None:
-        pass
 
 
 def _end_mlx_thread() -> None:
@@ -108,9 +101,7 @@ class Worker:
         self.loaded: loader.LoadedModel | None = None
         self.engine: Engine | None = None
         self.state = WorkerState.LOADING
-        self.chunks: list[tuple[int, int, Chunk]] = []  # (-priority, arrival, chunk)
-        self._arrivals = 0
-        self._lock = threading.Condition()
+        self.schedule = Scheduler()
         self.ready = threading.Event()
         self.stopping = threading.Event()  # stop taking work
         self.put_back_now = threading.Event()  # SIGTERM or a second SIGINT
@@ -189,22 +180,31 @@ class Worker:
         return 0
 
     def _consume(self) -> None:
-        consumer = _Consumer(self.queue.huey, workers=1, worker_type="thread",
-                             periodic=False, max_delay=1.0, check_worker_health=True)
+        consumer = Consumer(self.queue.huey, workers=1, worker_type="thread",
+                            periodic=False, max_delay=1.0, check_worker_health=True)
         self._consumer = consumer
-        consumer.start()
-        self._install_signals()  # Huey's start() installs its own; ours decide the stop
+        # Huey's start() installs its own handlers (SIGTERM as a graceful stop, a second
+        # SIGINT as an exception); the worker's decide the stop, so they are put back at
+        # once, and a signal arriving meanwhile waits, blocked, to reach them.
+        stops = {signal.SIGINT, signal.SIGTERM}
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
         try:
+            consumer.start()
+            self._install_signals()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        try:
+            health_checked = time.monotonic()  # loop() checks Huey's thread with it
             while not self.finished.is_set():
                 try:
-                    consumer.loop()  # returns every 0.1 s
+                    health_checked = consumer.loop(health_checked)  # returns every 0.1 s
                 except ConsumerStopped:
                     break
                 self._act_on_signals()
         finally:
             self.stopping.set()
-            with self._lock:
-                self._lock.notify_all()
+            with self.schedule.changed:
+                self.schedule.changed.notify_all()
             consumer.stop(graceful=True)
             self.queue.huey.notify_interrupted_tasks()
 
@@ -247,8 +247,8 @@ class Worker:
             self.stopping.set()
             if self._consumer is not None:
                 self._consumer.stop_flag.set()
-            with self._lock:
-                self._lock.notify_all()
+            with self.schedule.changed:
+                self.schedule.changed.notify_all()
 
     def _stopped(self) -> None:
         try:
@@ -267,24 +267,15 @@ class Worker:
             log.info("job %s is for model %s; this worker serves only %s",
                      chunk.job_id, chunk.model, serves)
             return
-        with self._lock:
-            # Hold the task while enough is registered, so Huey's priority order
+        with self.schedule.changed:
+            # Hold the task while enough is scheduled, so Huey's priority order
             # decides what comes next and other workers can take the rest.
-            while len(self.chunks) >= 2 and not self.stopping.is_set():
-                self._lock.wait(0.5)
+            while len(self.schedule) >= 2 and not self.stopping.is_set():
+                self.schedule.changed.wait(0.5)
             if self.stopping.is_set():
                 # Not taken: its requests are still queued in the database.
                 return
-            self._register(chunk)
-
-    def _register(self, chunk: Chunk) -> None:
-        key = (chunk.job_id, chunk.lo, chunk.hi)
-        if any((c.job_id, c.lo, c.hi) == key for _, _, c in self.chunks):
-            return
-        self._arrivals += 1
-        self.chunks.append((-chunk.priority, self._arrivals, chunk))
-        self.chunks.sort(key=lambda t: (t[0], t[1]))
-        self._lock.notify_all()
+            self.schedule.add(chunk)
 
     # -- engine thread -----------------------------------------------------------------
 
@@ -346,8 +337,7 @@ class Worker:
             if now - last_sweep > SWEEP_SECONDS:
                 # Lost queue tasks, and work for other models, are found here.
                 for chunk in self._runnable():
-                    with self._lock:
-                        self._register(chunk)
+                    self.schedule.add(chunk)
                 if self.loaded is not None and not self._lost_waiting:
                     self._lost_waiting = self.store.has_lost(self.loaded.name)
                 last_sweep = now
@@ -356,9 +346,9 @@ class Worker:
                     return
             if self._next_model_switch():
                 continue
-            with self._lock:
-                if not self._chunks_for(self._model_name()):
-                    self._lock.wait(IDLE_WAIT_SECONDS)
+            with self.schedule.changed:
+                if not self.schedule.has_for(self._model_name()):
+                    self.schedule.changed.wait(IDLE_WAIT_SECONDS)
         # Stopping. SIGINT: let in-flight requests finish for a while.
         deadline = time.monotonic() + self.options.grace_seconds
         while self.engine is not None and self.engine.busy and not self.put_back_now.is_set():
@@ -385,17 +375,12 @@ class Worker:
                 return
             self._lost_waiting = False
         while (room := self.engine.free_slots()) > 0:
-            with self._lock:
-                mine = self._chunks_for(self.loaded.name)
-                if not mine:
-                    return
-                entry = mine[0]
-            claimed = self.store.claim(entry[2], self.id, room)
+            chunk = self.schedule.best_for(self.loaded.name)
+            if chunk is None:
+                return
+            claimed = self.store.claim(chunk, self.id, room)
             if not claimed:
-                with self._lock:
-                    if entry in self.chunks:
-                        self.chunks.remove(entry)
-                    self._lock.notify_all()
+                self.schedule.drop(chunk)
                 continue
             self._store(self.engine.add(claimed))
 
@@ -404,11 +389,6 @@ class Worker:
         import mlx.core as mx
 
         self.mlx_peak = mx.get_peak_memory()
-
-    def _chunks_for(self, model: str | None) -> list:
-        if model is None:
-            return []
-        return [e for e in self.chunks if not e[2].model or e[2].model == model]
 
     def _model_name(self) -> str | None:
         return self.loaded.name if self.loaded else None
@@ -461,9 +441,8 @@ class Worker:
         engine = self.engine
         if engine is not None and (engine.busy or engine.suspects):
             return True
-        with self._lock:
-            if any(c.model not in self.unavailable for _, _, c in self.chunks):
-                return True
+        if self.schedule.next_model(skip=self.unavailable) is not None:
+            return True
         return bool(self._runnable())
 
     def _drain_done(self) -> None:
@@ -486,21 +465,17 @@ class Worker:
         if self.options.serves is not None:
             return False
         current = self._model_name()
-        with self._lock:
-            candidates = [e for e in self.chunks if e[2].model not in self.unavailable]
-            if self._chunks_for(current) or not candidates:
-                return False
-            target = candidates[0][2].model
+        target = self.schedule.next_model(skip=self.unavailable)
+        if self.schedule.has_for(current) or target is None:
+            return False
         if current is not None and self.store.has_runnable(current):
             # Work for the loaded model whose queue task has not arrived yet: a
             # switch away and back would cost two loads (minutes for a large model).
             for chunk in self._runnable():
-                with self._lock:
-                    self._register(chunk)
+                self.schedule.add(chunk)
             return False
         if not self.store.has_runnable(target):
-            with self._lock:  # stale: that work was cancelled or done meanwhile
-                self.chunks = [e for e in self.chunks if e[2].model != target]
+            self.schedule.drop_model(target)  # stale: cancelled or done meanwhile
             return True
         self._try_switch(target)
         return True
@@ -520,8 +495,7 @@ class Worker:
         except NightshiftError as exc:
             self.state = WorkerState.IDLE
             self.unavailable[target] = time.monotonic() + UNAVAILABLE_SECONDS
-            with self._lock:
-                self.chunks = [e for e in self.chunks if e[2].model != target]
+            self.schedule.drop_model(target)
             if isinstance(exc, ResourceError):
                 self.short_of_memory.add(target)
                 log.error("cannot load model %s now: %s; its requests stay queued, tried "
