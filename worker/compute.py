@@ -45,8 +45,6 @@ BATCH_CANDIDATES = (8, 16, 32, 48, 64)
 # A batch-size measurement taken while other processes used more than this share of
 # the CPU is not remembered.
 CONTENDED_SHARE = 0.25
-# The batch size assumed before one is measured (ENGINE-NOTES: the best of 8..128 there).
-DEFAULT_BATCH_SIZE = 32
 BATCH_CACHE_FILE = "batch-sizes.json"
 
 
@@ -307,8 +305,8 @@ def planned_dtype(config: dict, dtype: str | None = None) -> str:
     return _cpu_weights(loaded)
 
 
-def choose_plan(model: Any, *, dtype: str | None = None, batch_size: int | None = None,
-                config: dict | None = None) -> ComputePlan:
+def choose_plan(model: Any, *, dtype: str | None = None,
+                batch_size: int | None = None) -> ComputePlan:
     """Choose device, BLAS and weight dtype for ``model`` on this machine.
 
     On CPU with a fast BLAS, quantized or half-precision weights become float32;
@@ -319,7 +317,6 @@ def choose_plan(model: Any, *, dtype: str | None = None, batch_size: int | None 
         model: a loaded mlx-lm model.
         dtype: one of ``WEIGHT_DTYPES``, or None to choose.
         batch_size: a fixed batch size, or None to measure later.
-        config: unused; accepted so callers can pass what they have.
 
     Returns:
         The plan; apply it with ``apply_plan``.

@@ -35,7 +35,6 @@ from jobs.errors import ModelError, ResourceError
 GB = 1e9
 # mlx-lm's KVCache / BatchKVCache grow in steps of this many tokens.
 KV_STEP = 256
-# mlx-lm BatchGenerator defaults.
 # Fitted on measured prefill peaks (see module docstring): bytes beyond the KV cache
 # = SCORES x scores + MASK x (query, key) pairs + per token (INTER x intermediate
 # + HIDDEN x hidden) activations.

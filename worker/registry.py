@@ -80,18 +80,6 @@ def list_models() -> list[ModelInfo]:
     ]
 
 
-def get(name: str) -> ModelInfo:
-    """The registry entry called ``name``.
-
-    Raises:
-        NotFound: no such model is installed.
-    """
-    path = _installed(name)
-    if path is None:
-        raise NotFound(_missing_message(name))
-    return _info(path)
-
-
 def resolve(name_or_path: str) -> str:
     """What to hand ``mlx_lm.load`` for a model named by a user.
 
