@@ -1,4 +1,5 @@
-"""worker/compute.py: OpenBLAS re-exec, the compute plan, batch-size measurement."""
+"""worker/blas.py (OpenBLAS re-exec), worker/plan.py (the compute plan) and
+worker/batch_size.py (batch-size measurement and its cache)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,20 @@ import mlx_lm
 import pytest
 
 from tests.tiny_models import build_tiny_llama
-from worker import compute
+from worker import batch_size, blas
+from worker.plan import (
+    ComputePlan,
+    apply_plan,
+    choose_plan,
+    kv_dtype_bytes,
+    planned_dtype,
+    quantization_of,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 linux_cpu = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or compute.mlx_backend() != "cpu"
-    or compute.openblas_library() is None,
+    not sys.platform.startswith("linux") or blas.mlx_backend() != "cpu"
+    or blas.openblas_library() is None,
     reason="OpenBLAS preloading is for Linux with MLX's CPU backend and cmeel-openblas",
 )
 
@@ -28,7 +37,7 @@ linux_cpu = pytest.mark.skipif(
 @pytest.fixture(autouse=True)
 def nightshift_home(tmp_path, monkeypatch):
     monkeypatch.setenv("NIGHTSHIFT_HOME", str(tmp_path / "home"))
-    for name in ("NIGHTSHIFT_BLAS", compute.REEXEC_MARK_ENV):
+    for name in ("NIGHTSHIFT_BLAS", blas.REEXEC_MARK_ENV):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -53,7 +62,7 @@ def quantized_tiny(tiny):
 # and waits so the parent can read its memory map.
 CHILD = textwrap.dedent("""
     import sys
-    from worker.compute import ensure_fast_blas
+    from worker.blas import ensure_fast_blas
     ensure_fast_blas()
     import mlx.core as mx, numpy as np
     a = mx.random.normal((64, 384)); b = mx.random.normal((384, 256))
@@ -71,7 +80,7 @@ def run_child(env_extra: dict[str, str] | None = None) -> tuple[bool, float]:
     try:
         err = float(child.stdout.readline())
         # execve keeps the pid: this is the re-executed process.
-        mapped = compute.openblas_loaded(child.pid)
+        mapped = blas.openblas_loaded(child.pid)
         child.communicate("\n", timeout=60)
     finally:
         child.kill()
@@ -81,7 +90,7 @@ def run_child(env_extra: dict[str, str] | None = None) -> tuple[bool, float]:
 
 @linux_cpu
 def test_openblas_library_is_the_cmeel_one():
-    path = compute.openblas_library()
+    path = blas.openblas_library()
     assert path.endswith("cmeel.prefix/lib/libopenblas.so.0")
     assert Path(path).is_file()
 
@@ -103,63 +112,63 @@ def test_reference_setting_keeps_the_bundled_blas():
 @linux_cpu
 def test_a_marked_process_never_re_executes():
     # The mark without the preload: it must carry on rather than exec again.
-    mapped, _ = run_child({compute.REEXEC_MARK_ENV: "1"})
+    mapped, _ = run_child({blas.REEXEC_MARK_ENV: "1"})
     assert not mapped
 
 
 @linux_cpu
 def test_fast_blas_env_sets_threads_unless_given():
-    env = compute.fast_blas_env({"OPENBLAS_CORETYPE": "Haswell"})
-    assert compute.openblas_library() in env["LD_PRELOAD"]
+    env = blas.fast_blas_env({"OPENBLAS_CORETYPE": "Haswell"})
+    assert blas.openblas_library() in env["LD_PRELOAD"]
     assert int(env["OPENBLAS_NUM_THREADS"]) >= 1
     assert env["OPENBLAS_CORETYPE"] == "Haswell"
-    assert compute.fast_blas_env({"OPENBLAS_NUM_THREADS": "7"})["OPENBLAS_NUM_THREADS"] == "7"
+    assert blas.fast_blas_env({"OPENBLAS_NUM_THREADS": "7"})["OPENBLAS_NUM_THREADS"] == "7"
 
 
 def test_ensure_fast_blas_disabled_returns():
-    compute.ensure_fast_blas(enabled=False)  # would not return if it re-executed
+    blas.ensure_fast_blas(enabled=False)  # would not return if it re-executed
 
 
 def test_cpu_plan_dequantizes_to_float32_with_openblas(quantized_tiny, monkeypatch):
     model, _ = quantized_tiny
-    monkeypatch.setattr(compute, "openblas_loaded", lambda pid="self": True)
-    plan = compute.choose_plan(model)
+    monkeypatch.setattr(blas, "openblas_loaded", lambda pid="self": True)
+    plan = choose_plan(model)
     assert (plan.device, plan.blas, plan.loaded, plan.weights) == ("cpu", "openblas", "4-bit",
                                                                    "float32")
     assert "4-bit -> float32" in plan.describe()
-    assert compute.planned_dtype({"quantization": {"bits": 4}}) == "float32"
+    assert planned_dtype({"quantization": {"bits": 4}}) == "float32"
 
 
 def test_cpu_plan_without_openblas_prefers_bfloat16_for_quantized(quantized_tiny, monkeypatch):
     model, _ = quantized_tiny
-    monkeypatch.setattr(compute, "openblas_loaded", lambda pid="self": False)
-    assert compute.choose_plan(model).weights == "bfloat16"
+    monkeypatch.setattr(blas, "openblas_loaded", lambda pid="self": False)
+    assert choose_plan(model).weights == "bfloat16"
 
 
 def test_float32_model_stays_as_loaded_and_flags_override(tiny):
     model, _ = tiny
-    assert compute.choose_plan(model).weights == "as-loaded"
-    plan = compute.choose_plan(model, dtype="float16", batch_size=12)
+    assert choose_plan(model).weights == "as-loaded"
+    plan = choose_plan(model, dtype="float16", batch_size=12)
     assert (plan.weights, plan.batch_size) == ("float16", 12)
     with pytest.raises(ValueError, match="float8"):
-        compute.choose_plan(model, dtype="float8")
+        choose_plan(model, dtype="float8")
 
 
 def test_apply_plan_dequantizes_every_layer_and_keeps_the_output(quantized_tiny):
     model, _ = quantized_tiny
     tokens = mx.array([[5, 6, 7, 8]])
     before = model(tokens)
-    plan = compute.ComputePlan("cpu", "openblas", "float32", "4-bit")
-    compute.apply_plan(model, plan)
-    assert compute.quantization_of(model) is None
+    plan = ComputePlan("cpu", "openblas", "float32", "4-bit")
+    apply_plan(model, plan)
+    assert quantization_of(model) is None
     assert all(v.dtype == mx.float32 for _, v in nn.utils.tree_flatten(model.parameters()))
     assert mx.allclose(model(tokens), before, atol=1e-4)
-    assert compute.kv_dtype_bytes(model) == 4
+    assert kv_dtype_bytes(model) == 4
 
 
 def test_measure_batch_size_on_the_tiny_model(tiny):
     model, tokenizer = tiny
-    best, curve = compute.measure_batch_size(model, tokenizer, candidates=(2, 4, 8),
+    best, curve = batch_size.measure_batch_size(model, tokenizer, candidates=(2, 4, 8),
                                              prompt_len=16, new_tokens=4)
     assert best in curve and set(curve) <= {2, 4, 8}
     assert all(rate > 0 for rate in curve.values())
@@ -167,7 +176,7 @@ def test_measure_batch_size_on_the_tiny_model(tiny):
 
 def test_measure_batch_size_skips_what_does_not_fit(tiny):
     model, tokenizer = tiny
-    _, curve = compute.measure_batch_size(model, tokenizer, candidates=(2, 4, 8),
+    _, curve = batch_size.measure_batch_size(model, tokenizer, candidates=(2, 4, 8),
                                           prompt_len=16, new_tokens=2,
                                           memory_limit_bytes=4_000, bytes_per_sequence=1_000)
     assert set(curve) <= {2, 4}
@@ -175,46 +184,46 @@ def test_measure_batch_size_skips_what_does_not_fit(tiny):
 
 def test_the_largest_batch_on_the_plateau_is_chosen():
     # Measured curves from this machine: 48 and 64 within noise of each other.
-    assert compute.pick_batch_size({8: 59, 16: 101, 32: 123, 48: 133, 64: 123}) == 64
-    assert compute.pick_batch_size({8: 91, 16: 130, 32: 169, 48: 181, 64: 180}) == 64
-    assert compute.pick_batch_size({16: 130, 32: 169, 48: 181, 64: 150}) == 48
-    assert compute.pick_batch_size({8: 100}) == 8
+    assert batch_size.pick_batch_size({8: 59, 16: 101, 32: 123, 48: 133, 64: 123}) == 64
+    assert batch_size.pick_batch_size({8: 91, 16: 130, 32: 169, 48: 181, 64: 180}) == 64
+    assert batch_size.pick_batch_size({16: 130, 32: 169, 48: 181, 64: 150}) == 48
+    assert batch_size.pick_batch_size({8: 100}) == 8
 
 
 def test_a_remembered_curve_is_chosen_from_by_todays_rule(tiny_dir, tiny):
     model, _ = tiny
-    plan = compute.choose_plan(model)
-    compute.remember_batch_size(tiny_dir, plan, 48, {32: 121.0, 48: 124.0, 64: 121.0})
-    assert compute.remembered_batch_size(tiny_dir, plan) == 64
+    plan = choose_plan(model)
+    batch_size.remember_batch_size(tiny_dir, plan, 48, {32: 121.0, 48: 124.0, 64: 121.0})
+    assert batch_size.remembered_batch_size(tiny_dir, plan) == 64
 
 
 def test_batch_size_is_measured_once_then_remembered(tiny_dir, tiny, monkeypatch):
     model, tokenizer = tiny
-    plan = compute.choose_plan(model)
-    monkeypatch.setattr(compute, "_others_cpu_seconds", lambda: 0.0)  # a quiet machine
-    first = compute.cached_batch_size(tiny_dir, model, tokenizer, plan, candidates=(2, 4),
+    plan = choose_plan(model)
+    monkeypatch.setattr(batch_size, "_others_cpu_seconds", lambda: 0.0)  # a quiet machine
+    first = batch_size.cached_batch_size(tiny_dir, model, tokenizer, plan, candidates=(2, 4),
                                       prompt_len=8, new_tokens=2)
     assert set(plan.batch_curve) == {2, 4}
     stored = json.loads((Path(os.environ["NIGHTSHIFT_HOME"]) / "cache" /
-                         compute.BATCH_CACHE_FILE).read_text())
+                         batch_size.BATCH_CACHE_FILE).read_text())
     assert [e["batch_size"] for e in stored.values()] == [first]
 
     def must_not_measure(*args, **kwargs):
         raise AssertionError("measured again")
 
-    monkeypatch.setattr(compute, "measure_batch_size", must_not_measure)
-    assert compute.cached_batch_size(tiny_dir, model, tokenizer, plan) == first
+    monkeypatch.setattr(batch_size, "measure_batch_size", must_not_measure)
+    assert batch_size.cached_batch_size(tiny_dir, model, tokenizer, plan) == first
     # Another dtype is another measurement.
-    other = compute.ComputePlan(plan.device, plan.blas, "bfloat16", plan.loaded)
-    assert compute.remembered_batch_size(tiny_dir, other) is None
+    other = ComputePlan(plan.device, plan.blas, "bfloat16", plan.loaded)
+    assert batch_size.remembered_batch_size(tiny_dir, other) is None
 
 
 def test_a_measurement_under_contention_is_not_remembered(tiny_dir, tiny, monkeypatch):
     model, tokenizer = tiny
-    plan = compute.choose_plan(model)
+    plan = choose_plan(model)
     readings = iter([0.0, 1e6])  # other processes took all the CPU meanwhile
-    monkeypatch.setattr(compute, "_others_cpu_seconds", lambda: next(readings))
-    best = compute.cached_batch_size(tiny_dir, model, tokenizer, plan, candidates=(2, 4),
+    monkeypatch.setattr(batch_size, "_others_cpu_seconds", lambda: next(readings))
+    best = batch_size.cached_batch_size(tiny_dir, model, tokenizer, plan, candidates=(2, 4),
                                      prompt_len=8, new_tokens=2)
     assert best in (2, 4)
-    assert compute.remembered_batch_size(tiny_dir, plan) is None
+    assert batch_size.remembered_batch_size(tiny_dir, plan) is None

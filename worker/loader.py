@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.errors import ModelError, NightshiftError
-from worker import compute, memory, registry
+from worker import memory, registry
+from worker.batch_size import cached_batch_size
 from worker.compat import nemotron_nas
+from worker.plan import ComputePlan, apply_plan, choose_plan, planned_dtype
 
 log = logging.getLogger("nightshift.loader")
 WARMUP_PROMPT = "Hello"
@@ -29,7 +31,7 @@ DEFAULT_BATCH_SIZE = 32
 class LoadOptions:
     """How to load: what the user may override, each with a sensible automatic default."""
 
-    dtype: str | None = None  # None: automatic (see worker/compute.py)
+    dtype: str | None = None  # None: automatic (see worker/plan.py)
     batch_size: int | None = None  # None: measured
     max_context: int | None = None  # None: the model's window, capped at DEFAULT_CONTEXT
     force: bool = False  # load even if the estimate says it will not fit
@@ -44,7 +46,7 @@ class LoadedModel:
     tokenizer: object
     config: dict
     context_length: int | None
-    plan: compute.ComputePlan
+    plan: ComputePlan
     estimate: memory.MemoryEstimate | None  # None for a repo id (no local files to read)
     load_seconds: float
     warmup_seconds: float = 0.0
@@ -76,7 +78,7 @@ def load(name: str, options: LoadOptions | None = None) -> LoadedModel:
     if options.max_context:  # a cap the user asked for, within the model's own window
         context = min(context or options.max_context, options.max_context)
     plan_context = min(context or DEFAULT_CONTEXT, options.max_context or DEFAULT_CONTEXT)
-    planned = compute.planned_dtype(config, options.dtype)
+    planned = planned_dtype(config, options.dtype)
     if local:
         # Before loading (the seed's model "wouldn't load on 192GB configs"): the
         # weights and at least one full sequence, or the batch the user asked for.
@@ -102,13 +104,13 @@ def load(name: str, options: LoadOptions | None = None) -> LoadedModel:
         raise ModelError(f"cannot load model {name!r} from {path}: {_one_line(exc)}") from exc
     try:
         nemotron_nas.apply(model)
-        plan = compute.choose_plan(model, dtype=options.dtype, batch_size=options.batch_size)
-        compute.apply_plan(model, plan)
+        plan = choose_plan(model, dtype=options.dtype, batch_size=options.batch_size)
+        apply_plan(model, plan)
         estimate = None
         if local:
             if not plan.batch_size:  # measured once per model and machine, within memory
-                plan.batch_size = compute.cached_batch_size(path, model, tokenizer, plan,
-                                                            context_tokens=plan_context)
+                plan.batch_size = cached_batch_size(path, model, tokenizer, plan,
+                                                    context_tokens=plan_context)
             estimate = memory.estimate(path, config=config, batch_size=plan.batch_size,
                                        context_tokens=plan_context, dtype=plan.weights)
         else:

@@ -304,7 +304,7 @@ def estimate(
     if dtype and dtype != "as-loaded":
         dtype_bytes_weights = dtype_bytes_weights or _TORCH_DTYPE_BYTES[dtype]
     if device is None:
-        from worker.compute import mlx_backend
+        from worker.blas import mlx_backend
 
         device = mlx_backend()
     act_bytes = kv_dtype_bytes or dtype_bytes_weights or activation_dtype_bytes(model_path)
