@@ -14,7 +14,7 @@ A. the seed's way: mlx-lm ``stream_generate`` one prompt after another, as mlx-l
    by length); rates are what is compared.
 B. mlx-lm's own ``batch_generate`` on every prompt at once, loaded as the worker loads
    (OpenBLAS preloaded, float32 weights, the measured batch size) and with the engine's
-   prefill settings (``worker.engine.prefill_settings``): the engine's ceiling, without
+   prefill settings (``worker.prefill.prefill_settings``): the engine's ceiling, without
    queue or database. ``--mlx-defaults`` adds B0, the same with mlx-lm's own prefill
    settings.
 C. nightshift end to end: ``nightshift submit``, then a real ``nightshift worker --drain``
@@ -369,7 +369,7 @@ def phase_b(data: dict) -> dict:
 
     from worker import loader
     from worker.blas import openblas_loaded
-    from worker.engine import prefill_settings
+    from worker.prefill import prefill_settings
 
     # `import mlx_lm.generate` would give the function mlx_lm re-exports under that name.
     mg = importlib.import_module("mlx_lm.generate")

@@ -178,7 +178,7 @@ def test_measure_batch_size_skips_what_does_not_fit(tiny):
     model, tokenizer = tiny
     _, curve = batch_size.measure_batch_size(model, tokenizer, candidates=(2, 4, 8),
                                           prompt_len=16, new_tokens=2,
-                                          memory_limit_bytes=4_000, bytes_per_sequence=1_000)
+                                          max_batch_size=4)
     assert set(curve) <= {2, 4}
 
 

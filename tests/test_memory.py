@@ -19,8 +19,8 @@ from mlx_lm.generate import BatchGenerator
 from jobs.errors import ResourceError
 from tests.tiny_models import build_tiny_llama
 from worker import memory
-from worker.engine import prefill_settings
 from worker.plan import ComputePlan, apply_plan, kv_dtype_bytes
+from worker.prefill import prefill_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 0.15
@@ -174,6 +174,16 @@ def test_estimate_follows_the_plan_dtype(quantized_dir):
 
 def test_available_bytes_is_positive():
     assert memory.available_bytes() > 0
+
+
+def test_the_estimate_imports_no_mlx_no_database_no_engine():
+    # It runs before a model loads (and in `models` commands): reading files only.
+    code = ("import sys, worker.memory, worker.batch_size; print(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('mlx', 'mlx_lm', 'sqlalchemy') "
+            "or m in ('worker.engine', 'worker.loader')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
 
 
 # The default model at a realistic batch, in a child with OpenBLAS (the reference BLAS

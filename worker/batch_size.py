@@ -52,8 +52,7 @@ def measure_batch_size(
     candidates: Sequence[int] = BATCH_CANDIDATES,
     prompt_len: int = 64,
     new_tokens: int = 16,
-    memory_limit_bytes: int | None = None,
-    bytes_per_sequence: int | None = None,
+    max_batch_size: int | None = None,
     time_budget_s: float = 30.0,
 ) -> tuple[int, dict[int, float]]:
     """Measure BatchGenerator decode throughput per batch size and pick one
@@ -61,10 +60,9 @@ def measure_batch_size(
 
     One prompt of ``prompt_len`` tokens is prefilled once and shared by every
     sequence, so the measurement costs about ``sum(candidates) * new_tokens``
-    decoded tokens. Candidates that would not fit in memory
-    (``batch * bytes_per_sequence > memory_limit_bytes``) are skipped, and the
-    search stops once throughput falls well below the best so far, or once
-    ``time_budget_s`` is spent (a busy machine can make it ten times slower).
+    decoded tokens. Candidates above ``max_batch_size`` (what fits in memory) are
+    skipped, and the search stops once throughput falls well below the best so far,
+    or once ``time_budget_s`` is spent (a busy machine can make it ten times slower).
 
     Args:
         model: the model, after ``apply_plan``.
@@ -72,8 +70,8 @@ def measure_batch_size(
         candidates: batch sizes to try, ascending.
         prompt_len: tokens of context each sequence starts with.
         new_tokens: tokens decoded per sequence.
-        memory_limit_bytes: memory left for the KV cache and activations.
-        bytes_per_sequence: memory one sequence needs at the worker's context.
+        max_batch_size: the largest batch that fits in memory at the worker's context
+            (``worker.memory.MemoryEstimate.max_batch_size``), or None for no limit.
 
     Returns:
         ``(chosen batch size, {batch size: tok/s})``.
@@ -88,9 +86,8 @@ def measure_batch_size(
     mx.eval([c.state for c in prefix_cache])
 
     sizes = sorted(candidates)
-    if memory_limit_bytes and bytes_per_sequence:
-        fitting = [b for b in sizes if b * bytes_per_sequence <= memory_limit_bytes]
-        sizes = fitting or [max(1, memory_limit_bytes // bytes_per_sequence)]
+    if max_batch_size is not None:
+        sizes = [b for b in sizes if b <= max_batch_size] or [max(1, max_batch_size)]
     _decode_rate(model, prefix_cache, ids[-1], min(sizes), 2)  # warm-up: first calls allocate
     curve: dict[int, float] = {}
     start = time.perf_counter()
@@ -172,29 +169,19 @@ def remember_batch_size(model_path: str | Path, plan: ComputePlan, batch_size: i
 
 
 def cached_batch_size(model_path: str | Path, model: Any, tokenizer: Any, plan: ComputePlan,
-                      *, context_tokens: int | None = None, **measure_kwargs: Any) -> int:
+                      **measure_kwargs: Any) -> int:
     """The best batch size for this model and plan: remembered, or measured and remembered.
 
     Args:
         model_path: the model folder (its path and weights' mtime key the cache).
         model, tokenizer: the loaded model, after ``apply_plan``.
         plan: the plan; ``plan.batch_curve`` gets the curve when measured.
-        context_tokens: the worker's longest sequence; when given, batch sizes
-            whose KV cache would not fit in free memory are not tried.
-        **measure_kwargs: passed to ``measure_batch_size``.
+        **measure_kwargs: passed to ``measure_batch_size``; the loader passes
+            ``max_batch_size`` so that batches that do not fit in memory are not tried.
     """
     remembered = remembered_batch_size(model_path, plan)
     if remembered:
         return remembered
-    if context_tokens and "memory_limit_bytes" not in measure_kwargs:
-        from worker import memory
-
-        candidates = measure_kwargs.get("candidates", BATCH_CANDIDATES)
-        est = memory.estimate(model_path, batch_size=max(candidates),
-                              context_tokens=context_tokens, dtype=plan.weights)
-        measure_kwargs["memory_limit_bytes"] = int(
-            est.available / memory.SAFETY - est.weights - est.overhead)
-        measure_kwargs["bytes_per_sequence"] = est.kv_per_sequence
     start = time.perf_counter()
     others_before = _others_cpu_seconds()
     best, curve = measure_batch_size(model, tokenizer, **measure_kwargs)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from jobs.errors import ModelError, NightshiftError
 from worker import memory, registry
-from worker.batch_size import cached_batch_size
+from worker.batch_size import BATCH_CANDIDATES, cached_batch_size
 from worker.compat import nemotron_nas
 from worker.plan import ComputePlan, apply_plan, choose_plan, planned_dtype
 
@@ -109,8 +109,10 @@ def load(name: str, options: LoadOptions | None = None) -> LoadedModel:
         estimate = None
         if local:
             if not plan.batch_size:  # measured once per model and machine, within memory
+                largest = memory.estimate(path, config=config, batch_size=max(BATCH_CANDIDATES),
+                                          context_tokens=plan_context, dtype=plan.weights)
                 plan.batch_size = cached_batch_size(path, model, tokenizer, plan,
-                                                    context_tokens=plan_context)
+                                                    max_batch_size=largest.max_batch_size())
             estimate = memory.estimate(path, config=config, batch_size=plan.batch_size,
                                        context_tokens=plan_context, dtype=plan.weights)
         else:

@@ -1,7 +1,9 @@
 """Estimate the memory a model needs before loading it.
 
 Everything here reads ``config.json`` and the safetensors headers only; mlx is
-imported lazily, and only on macOS to ask Metal for its working-set limit.
+imported lazily, and only on macOS to ask Metal for its working-set limit. The loader
+(``worker.loader``) passes what it learns here on: the batch size that fits goes to
+the batch-size measurement, which does not import this module.
 
 The estimate is of MLX's peak allocation (``mx.get_peak_memory()``) while
 mlx-lm's BatchGenerator runs a full batch at the given context:
@@ -31,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from jobs.errors import ModelError, ResourceError
+from worker.blas import mlx_backend
+from worker.prefill import prefill_settings
 
 GB = 1e9
 # mlx-lm's KVCache / BatchKVCache grow in steps of this many tokens.
@@ -289,7 +293,7 @@ def estimate(
             policy (``as-loaded``, ``float32``, ``bfloat16``, ``float16``).
         config: the model's config.json if already read.
         prefill_batch_size, prefill_step_size: the BatchGenerator's prefill settings
-            (default: the engine's, ``worker.engine.prefill_settings``).
+            (default: the engine's, ``worker.prefill.prefill_settings``).
         device: ``cpu``, ``metal`` or ``cuda`` (default: the installed MLX backend);
             only CPU materialises the attention scores.
         available: bytes free (default: ``available_bytes()``).
@@ -304,8 +308,6 @@ def estimate(
     if dtype and dtype != "as-loaded":
         dtype_bytes_weights = dtype_bytes_weights or _TORCH_DTYPE_BYTES[dtype]
     if device is None:
-        from worker.blas import mlx_backend
-
         device = mlx_backend()
     act_bytes = kv_dtype_bytes or dtype_bytes_weights or activation_dtype_bytes(model_path)
     weights = resident_weights_bytes(model_path, dtype_bytes_weights)
@@ -317,8 +319,6 @@ def estimate(
     # Prefill of the last chunk of one prefill batch, while the rest of the batch
     # already holds its cache (not yet grown by the decode's look-ahead token).
     if prefill_batch_size is None or prefill_step_size is None:
-        from worker.engine import prefill_settings
-
         prefill_batch_size, prefill_step_size = prefill_settings(batch_size)
     pb = min(prefill_batch_size, batch_size)
     chunk = min(prefill_step_size, context_tokens)
