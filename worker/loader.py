@@ -7,7 +7,6 @@ process (or until it switches to another model's jobs).
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from jobs.errors import ModelError, NightshiftError
 from worker import memory, registry
 from worker.batch_size import BATCH_CANDIDATES, cached_batch_size
 from worker.compat import nemotron_nas
+from worker.model_files import read_config
 from worker.plan import ComputePlan, apply_plan, choose_plan, planned_dtype
 
 log = logging.getLogger("nightshift.loader")
@@ -73,7 +73,7 @@ def load(name: str, options: LoadOptions | None = None) -> LoadedModel:
     options = options or LoadOptions()
     path = registry.resolve(name)
     local = Path(path).is_dir()
-    config = _read_config(path)
+    config = read_config(path) if local else {}  # a repo id: mlx-lm fetches it
     context = registry.model_context_length(path) if local else None
     if options.max_context:  # a cap the user asked for, within the model's own window
         context = min(context or options.max_context, options.max_context)
@@ -159,14 +159,3 @@ def unload(loaded: LoadedModel | None) -> float:
 def _one_line(exc: BaseException) -> str:
     """An exception's message on one line (transformers' span several)."""
     return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def _read_config(path: str) -> dict:
-    config_file = Path(path) / "config.json"
-    if not config_file.exists():
-        return {}  # a repo id: mlx-lm fetches it where a network exists
-    try:
-        return json.loads(config_file.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{config_file} is not readable JSON ({exc}): the model folder "
-                         "is damaged; pull or import it again") from exc
