@@ -75,7 +75,7 @@ def list_models() -> list[ModelInfo]:
     return [
         _info(p)
         for p in sorted(root.iterdir())
-        if not p.name.startswith(".") and (p / "config.json").is_file()
+        if not p.name.startswith(".") and (p / CONFIG_FILE).is_file()
     ]
 
 
@@ -96,7 +96,7 @@ def resolve(name_or_path: str) -> str:
         return str(path)
     local = Path(name_or_path).expanduser()
     if local.is_dir():
-        if (local / "config.json").is_file():
+        if (local / CONFIG_FILE).is_file():
             return str(local.resolve())
         raise NotFound(f"{local} is a folder but not a model (it has no config.json); {_HINT}")
     if _REPO_ID.match(name_or_path):
@@ -234,7 +234,7 @@ def _installed(name: str) -> Path | None:
     if not _NAME.match(key):
         return None
     path = settings.models_dir() / key
-    return path if (path / "config.json").is_file() else None
+    return path if (path / CONFIG_FILE).is_file() else None
 
 
 def _scratch_prefix(kind: str) -> str:
@@ -345,7 +345,7 @@ def _hf_builder(repo_id: str) -> Callable[[Path], None]:
                 "with no network, `nightshift models pull smollm2` installs the default model "
                 "offline, and `nightshift models import-gguf FILE` imports a local GGUF file"
             ) from e
-        if not (target / "config.json").is_file():
+        if not (target / CONFIG_FILE).is_file():
             raise ModelError(f"{repo_id!r} has no config.json: it is not an MLX/transformers model")
 
     return build
