@@ -14,7 +14,7 @@ A. the seed's way: mlx-lm ``stream_generate`` one prompt after another, as mlx-l
    by length); rates are what is compared.
 B. mlx-lm's own ``batch_generate`` on every prompt at once, loaded as the worker loads
    (OpenBLAS preloaded, float32 weights, the measured batch size) and with the engine's
-   prefill settings (``worker.engine.prefill_settings``): the engine's ceiling, without
+   prefill settings (``worker.prefill.prefill_settings``): the engine's ceiling, without
    queue or database. ``--mlx-defaults`` adds B0, the same with mlx-lm's own prefill
    settings.
 C. nightshift end to end: ``nightshift submit``, then a real ``nightshift worker --drain``
@@ -334,12 +334,13 @@ def phase_a(data: dict) -> dict:
     import mlx_lm
     from mlx_lm import stream_generate
 
-    from worker import compute
+    from worker.blas import openblas_loaded
+    from worker.plan import choose_plan
 
     start = time.perf_counter()
     model, tokenizer = mlx_lm.load(data["model_path"])
     load_s = time.perf_counter() - start
-    plan = compute.choose_plan(model, dtype="as-loaded")
+    plan = choose_plan(model, dtype="as-loaded")
     # One short call first, as B and C warm up too: the first call allocates.
     for _ in stream_generate(model, tokenizer, tokenizer.encode("Hello"), max_tokens=2):
         pass
@@ -357,7 +358,7 @@ def phase_a(data: dict) -> dict:
                      "prompt_tokens": last.prompt_tokens, "prompt_tps": last.prompt_tps,
                      "generated": last.generation_tokens, "text": "".join(text)})
     return {"load_s": load_s, "plan": plan.describe(),
-            "openblas": compute.openblas_loaded(), "mlx_peak": _mlx_peak(), "rows": rows}
+            "openblas": openblas_loaded(), "mlx_peak": _mlx_peak(), "rows": rows}
 
 
 def phase_b(data: dict) -> dict:
@@ -366,8 +367,9 @@ def phase_b(data: dict) -> dict:
     settings, to show what the worker's schedule changes."""
     import importlib
 
-    from worker import compute, loader
-    from worker.engine import prefill_settings
+    from worker import loader
+    from worker.blas import openblas_loaded
+    from worker.prefill import prefill_settings
 
     # `import mlx_lm.generate` would give the function mlx_lm re-exports under that name.
     mg = importlib.import_module("mlx_lm.generate")
@@ -414,7 +416,7 @@ def phase_b(data: dict) -> dict:
     out = {"load_s": load_s, "warmup_s": loaded.warmup_seconds, "plan": loaded.plan.describe(),
            "batch_size": batch,
            "batch_curve": {str(k): v for k, v in loaded.plan.batch_curve.items()},
-           "openblas": compute.openblas_loaded(), **run(*prefill_settings(batch))}
+           "openblas": openblas_loaded(), **run(*prefill_settings(batch))}
     if data.get("mlx_defaults"):
         out["mlx_defaults"] = run(min(8, batch), 2048)  # BatchGenerator's own defaults
     out["mlx_peak"] = _mlx_peak()
@@ -651,7 +653,7 @@ def main() -> int:
 def run(results: dict, sizes: Sizes, skip: set[str], home: Path, work: Path,
         clock: Clock) -> None:
     from jobs.store import Store
-    from worker import compute
+    from worker.blas import fast_blas_env
 
     env = plain_env(home)
     check(run_measured(nightshift("models", "pull", MODEL), env, work / "pull"), "models pull")
@@ -702,7 +704,7 @@ def run(results: dict, sizes: Sizes, skip: set[str], home: Path, work: Path,
         }
 
     # -- B: mlx-lm batch_generate with the worker's plan ---------------------------------
-    blas_env = compute.fast_blas_env(env) or env
+    blas_env = fast_blas_env(env) or env
     clock.begin("B", "B: mlx-lm batch_generate, all prompts, the worker's compute plan, "
                 "batch size and prefill settings"
                 + ("; then with mlx-lm's prefill defaults (B0)" if "B0" not in skip else "")

@@ -41,10 +41,10 @@ def worker_cmd(model, drain, batch_size, dtype, max_context, force, grace, trust
     nightshift worker --drain           # exit when the queue is empty
     nightshift worker --model smollm2   # serve only this model
     """
-    from worker import compute
+    from worker import blas
 
     # Before MLX loads: on Linux CPU, restart with an optimised BLAS preloaded.
-    compute.ensure_fast_blas()
+    blas.ensure_fast_blas()
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("huey").setLevel(logging.INFO if verbose else logging.WARNING)

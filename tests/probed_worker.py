@@ -141,11 +141,11 @@ def install() -> None:
 
 
 def main() -> None:
-    from worker import compute
+    from worker import blas
 
     # Re-executes this module with OpenBLAS preloaded (as the command does) before
     # the probes import MLX, so they are installed once, in the final process.
-    compute.ensure_fast_blas()
+    blas.ensure_fast_blas()
     install()
     from cli.main import cli
 

@@ -18,8 +18,9 @@ from mlx_lm.generate import BatchGenerator
 
 from jobs.errors import ResourceError
 from tests.tiny_models import build_tiny_llama
-from worker import compute, memory
-from worker.engine import prefill_settings
+from worker import memory
+from worker.plan import ComputePlan, apply_plan, kv_dtype_bytes
+from worker.prefill import prefill_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 0.15
@@ -63,7 +64,7 @@ def test_resident_bytes_of_dequantized_weights_from_parameter_counts(quantized_d
     stored = memory.weights_bytes(quantized_dir)
     assert memory.resident_weights_bytes(quantized_dir) == stored
     model, _ = mlx_lm.load(str(quantized_dir))
-    compute.apply_plan(model, compute.ComputePlan("cpu", "openblas", "float32", "4/8-bit"))
+    apply_plan(model, ComputePlan("cpu", "openblas", "float32", "4/8-bit"))
     float32 = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     assert memory.resident_weights_bytes(quantized_dir, 4) == float32
     assert memory.resident_weights_bytes(quantized_dir, 2) == float32 // 2
@@ -73,7 +74,7 @@ def test_resident_bytes_of_dequantized_weights_from_parameter_counts(quantized_d
 def test_activation_dtype_is_the_widest_stored_float(tiny_dir, quantized_dir):
     assert memory.activation_dtype_bytes(tiny_dir) == 4
     model, _ = mlx_lm.load(str(quantized_dir))
-    assert memory.activation_dtype_bytes(quantized_dir) == compute.kv_dtype_bytes(model)
+    assert memory.activation_dtype_bytes(quantized_dir) == kv_dtype_bytes(model)
 
 
 def test_kv_per_token_llama(tiny_dir):
@@ -175,11 +176,22 @@ def test_available_bytes_is_positive():
     assert memory.available_bytes() > 0
 
 
+def test_the_estimate_imports_no_mlx_no_database_no_engine():
+    # It runs before a model loads (and in `models` commands): reading files only.
+    code = ("import sys, worker.memory, worker.batch_size; print(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('mlx', 'mlx_lm', 'sqlalchemy') "
+            "or m in ('worker.engine', 'worker.loader')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
+
+
 # The default model at a realistic batch, in a child with OpenBLAS (the reference BLAS
 # would take minutes): prints measured and estimated peaks as JSON.
 SMOLLM2_CHILD = textwrap.dedent("""
     import json, sys
-    from worker.compute import ensure_fast_blas, choose_plan, apply_plan
+    from worker.blas import ensure_fast_blas
+    from worker.plan import apply_plan, choose_plan
     ensure_fast_blas()
     import mlx.core as mx, mlx_lm
     from worker import memory

@@ -97,6 +97,33 @@ def test_hidden_and_incomplete_folders_are_not_listed():
     assert [m.name for m in registry.list_models()] == ["tiny"]
 
 
+@pytest.mark.parametrize("blob", [b"\xff" * 64, b"\x05", struct.pack("<Q", 10**12) + b"{}"])
+def test_models_list_names_a_damaged_safetensors_file(invoke, blob):
+    # Garbage, a file too short for its length, a length past the end: one line, no
+    # traceback (the length is checked before anything that large is read).
+    path = float_model()
+    (path / "model.safetensors").write_bytes(blob)
+    with pytest.raises(ModelError, match="model.safetensors: not a readable safetensors file"):
+        registry.list_models()
+    result = invoke("models", "list", expect=1)
+    assert "not a readable safetensors file" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_models_list_names_a_damaged_config(invoke):
+    path = float_model()
+    (path / "config.json").write_text("[1, 2]")
+    result = invoke("models", "list", expect=1)
+    assert "config.json is not readable JSON" in result.output
+
+
+def test_a_model_folder_without_weights_counts_no_parameters():
+    path = float_model()
+    (path / "model.safetensors").unlink()
+    [info] = registry.list_models()
+    assert info.parameters == 0
+
+
 def test_resolve_order(tmp_path):
     path = float_model()
     assert registry.resolve("tiny") == str(path)

@@ -18,12 +18,12 @@ Importing this module does not import mlx; ``check_options`` never does.
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.errors import ModelError
+from worker.model_files import CONFIG_FILE, read_config
 
 # The rule from running Nemotron-253B on an M3 Ultra: keep the layers every token
 # passes through twice (in and out) at higher precision.
@@ -95,10 +95,9 @@ def check_source(path: str) -> None:
     Raises:
         ModelError: the source's config says it is quantized.
     """
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
+    if not (Path(path) / CONFIG_FILE).is_file():
         return  # a repo id: mlx-lm downloads it and the load reports what is wrong
-    config = json.loads(config_file.read_text())
+    config = read_config(path)
     quant = config.get("quantization") or config.get("quantization_config")
     if quant:
         bits = quant.get("bits", "?") if isinstance(quant, dict) else "?"
@@ -146,8 +145,7 @@ def convert(source: str, dest: str | Path, options: ConvertOptions) -> dict:
 
     from worker.compat import nemotron_nas
 
-    config_file = Path(source) / "config.json"
-    source_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    source_config = read_config(source) if (Path(source) / CONFIG_FILE).is_file() else {}
     # mlx-lm prints [INFO] lines on stdout; keep stdout for the command's own output.
     with contextlib.redirect_stdout(sys.stderr):
         try:

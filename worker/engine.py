@@ -19,6 +19,7 @@ from mlx_lm.sample_utils import apply_top_p
 
 from jobs import settings
 from jobs.vocabulary import Claimed, Result
+from worker.prefill import prefill_settings
 from worker.prefix import PrefixCache
 
 log = logging.getLogger("nightshift.engine")
@@ -26,28 +27,6 @@ log = logging.getLogger("nightshift.engine")
 
 class RequestError(Exception):
     """A request that cannot run (too long, no chat template); it fails alone."""
-
-
-# Prompt tokens (padding included) one generator step prefills, at most.
-PREFILL_TOKENS_PER_STEP = 4096
-MIN_PREFILL_CHUNK = 64
-
-
-def prefill_settings(batch_size: int) -> tuple[int, int]:
-    """BatchGenerator's ``(prefill_batch_size, prefill_step_size)`` for a batch size.
-
-    Every free slot is admitted at once, and each prompt advances by a chunk sized so
-    that one step prefills about ``PREFILL_TOKENS_PER_STEP`` tokens. mlx-lm's defaults
-    (8 prompts, 2048-token chunks) admit a group only every other step (it waits for
-    the previous group to move to decoding) and pad each group to its longest prompt.
-    Measured on this engine alone (SmolLM2 in float32 on 2 CPU cores, the 64 prompts
-    of 36-344 tokens of benchmarks/bench.py, batch 64, 64 new tokens): 46 tok/s and
-    batch occupancy 0.77 with those; 76 tok/s and 0.87 with all at once in 64-token
-    chunks, same outputs. The chunk bound also keeps the prefill's attention scores
-    (materialised on CPU) smaller than with mlx-lm's defaults.
-    """
-    chunk = PREFILL_TOKENS_PER_STEP // max(batch_size, 1)
-    return batch_size, max(MIN_PREFILL_CHUNK, min(2048, chunk))
 
 
 def seeded_sampler(temperature: float, top_p: float, seed: int | None):

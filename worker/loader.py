@@ -7,27 +7,31 @@ process (or until it switches to another model's jobs).
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.errors import ModelError, NightshiftError
-from worker import compute, memory, registry
+from worker import memory, registry
+from worker.batch_size import BATCH_CANDIDATES, cached_batch_size
 from worker.compat import nemotron_nas
+from worker.model_files import read_config
+from worker.plan import ComputePlan, apply_plan, choose_plan, planned_dtype
 
 log = logging.getLogger("nightshift.loader")
 WARMUP_PROMPT = "Hello"
 DEFAULT_CONTEXT = 4096  # tokens a sequence may hold, for the memory estimate
-DEFAULT_BATCH_SIZE = 32  # where nothing can be measured (a model known only by repo id)
+# Where nothing can be measured (a model known only by repo id); ENGINE-NOTES found
+# 32 the best of 8..128 there.
+DEFAULT_BATCH_SIZE = 32
 
 
 @dataclass
 class LoadOptions:
     """How to load: what the user may override, each with a sensible automatic default."""
 
-    dtype: str | None = None  # None: automatic (see worker/compute.py)
+    dtype: str | None = None  # None: automatic (see worker/plan.py)
     batch_size: int | None = None  # None: measured
     max_context: int | None = None  # None: the model's window, capped at DEFAULT_CONTEXT
     force: bool = False  # load even if the estimate says it will not fit
@@ -42,7 +46,7 @@ class LoadedModel:
     tokenizer: object
     config: dict
     context_length: int | None
-    plan: compute.ComputePlan
+    plan: ComputePlan
     estimate: memory.MemoryEstimate | None  # None for a repo id (no local files to read)
     load_seconds: float
     warmup_seconds: float = 0.0
@@ -69,12 +73,12 @@ def load(name: str, options: LoadOptions | None = None) -> LoadedModel:
     options = options or LoadOptions()
     path = registry.resolve(name)
     local = Path(path).is_dir()
-    config = _read_config(path)
+    config = read_config(path) if local else {}  # a repo id: mlx-lm fetches it
     context = registry.model_context_length(path) if local else None
     if options.max_context:  # a cap the user asked for, within the model's own window
         context = min(context or options.max_context, options.max_context)
     plan_context = min(context or DEFAULT_CONTEXT, options.max_context or DEFAULT_CONTEXT)
-    planned = compute.planned_dtype(config, options.dtype)
+    planned = planned_dtype(config, options.dtype)
     if local:
         # Before loading (the seed's model "wouldn't load on 192GB configs"): the
         # weights and at least one full sequence, or the batch the user asked for.
@@ -100,13 +104,15 @@ def load(name: str, options: LoadOptions | None = None) -> LoadedModel:
         raise ModelError(f"cannot load model {name!r} from {path}: {_one_line(exc)}") from exc
     try:
         nemotron_nas.apply(model)
-        plan = compute.choose_plan(model, dtype=options.dtype, batch_size=options.batch_size)
-        compute.apply_plan(model, plan)
+        plan = choose_plan(model, dtype=options.dtype, batch_size=options.batch_size)
+        apply_plan(model, plan)
         estimate = None
         if local:
             if not plan.batch_size:  # measured once per model and machine, within memory
-                plan.batch_size = compute.cached_batch_size(path, model, tokenizer, plan,
-                                                            context_tokens=plan_context)
+                largest = memory.estimate(path, config=config, batch_size=max(BATCH_CANDIDATES),
+                                          context_tokens=plan_context, dtype=plan.weights)
+                plan.batch_size = cached_batch_size(path, model, tokenizer, plan,
+                                                    max_batch_size=largest.max_batch_size())
             estimate = memory.estimate(path, config=config, batch_size=plan.batch_size,
                                        context_tokens=plan_context, dtype=plan.weights)
         else:
@@ -153,14 +159,3 @@ def unload(loaded: LoadedModel | None) -> float:
 def _one_line(exc: BaseException) -> str:
     """An exception's message on one line (transformers' span several)."""
     return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def _read_config(path: str) -> dict:
-    config_file = Path(path) / "config.json"
-    if not config_file.exists():
-        return {}  # a repo id: mlx-lm fetches it where a network exists
-    try:
-        return json.loads(config_file.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{config_file} is not readable JSON ({exc}): the model folder "
-                         "is damaged; pull or import it again") from exc

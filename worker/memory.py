@@ -1,7 +1,9 @@
 """Estimate the memory a model needs before loading it.
 
 Everything here reads ``config.json`` and the safetensors headers only; mlx is
-imported lazily, and only on macOS to ask Metal for its working-set limit.
+imported lazily, and only on macOS to ask Metal for its working-set limit. The loader
+(``worker.loader``) passes what it learns here on: the batch size that fits goes to
+the batch-size measurement, which does not import this module.
 
 The estimate is of MLX's peak allocation (``mx.get_peak_memory()``) while
 mlx-lm's BatchGenerator runs a full batch at the given context:
@@ -22,20 +24,23 @@ SmolLM2-135M (float32, CPU, 17 prefill shapes, all within 8 %).
 
 from __future__ import annotations
 
-import json
-import math
-import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from jobs.errors import ModelError, ResourceError
+from jobs.errors import ResourceError
+from worker.blas import mlx_backend
+from worker.model_files import (
+    parameter_counts,
+    quantized_layers,
+    read_config,
+    tensor_headers,
+)
+from worker.prefill import prefill_settings
 
 GB = 1e9
 # mlx-lm's KVCache / BatchKVCache grow in steps of this many tokens.
 KV_STEP = 256
-# mlx-lm BatchGenerator defaults.
 # Fitted on measured prefill peaks (see module docstring): bytes beyond the KV cache
 # = SCORES x scores + MASK x (query, key) pairs + per token (INTER x intermediate
 # + HIDDEN x hidden) activations.
@@ -55,58 +60,9 @@ _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _TORCH_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-def read_config(model_path: str | Path) -> dict[str, Any]:
-    """``config.json`` of a model folder.
-
-    Raises:
-        ModelError: the file is missing or not JSON.
-    """
-    path = Path(model_path) / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{path}: cannot read the model config ({e})") from e
-
-
-def tensor_headers(model_path: str | Path) -> dict[str, dict[str, Any]]:
-    """Name -> ``{"dtype", "shape", "nbytes"}`` of every tensor in the folder's safetensors files.
-
-    Only the JSON headers are read, never the tensor data.
-
-    Raises:
-        ModelError: no safetensors files, or a damaged header.
-    """
-    files = sorted(Path(model_path).glob("*.safetensors"))
-    if not files:
-        raise ModelError(f"{model_path}: no .safetensors weights found")
-    tensors = {}
-    for file in files:
-        try:
-            with open(file, "rb") as f:
-                (size,) = struct.unpack("<Q", f.read(8))
-                # A damaged length must not make us read (or allocate) gigabytes.
-                if size > file.stat().st_size - 8:
-                    raise ValueError(f"its header claims {size} bytes, more than the file has")
-                header = json.loads(f.read(size))
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                begin, end = info["data_offsets"]
-                tensors[name] = {"dtype": info["dtype"], "shape": info["shape"],
-                                 "nbytes": end - begin}
-        except (OSError, ValueError, struct.error, KeyError, TypeError, AttributeError) as e:
-            raise ModelError(f"{file}: not a readable safetensors file ({e!r})") from e
-    return tensors
-
-
 def weights_bytes(model_path: str | Path) -> int:
     """Bytes of all tensors in the model folder, as stored."""
     return sum(t["nbytes"] for t in tensor_headers(model_path).values())
-
-
-def _quantization(config: dict, module: str) -> dict:
-    q = config.get("quantization") or config.get("quantization_config") or {}
-    return q.get(module) if isinstance(q.get(module), dict) else q
 
 
 def resident_weights_bytes(model_path: str | Path, dtype_bytes: int | None = None) -> int:
@@ -122,18 +78,11 @@ def resident_weights_bytes(model_path: str | Path, dtype_bytes: int | None = Non
     tensors = tensor_headers(model_path)
     if dtype_bytes is None:
         return sum(t["nbytes"] for t in tensors.values())
-    config = read_config(model_path)
+    quantized = quantized_layers(tensors)
     total = 0
-    for name, t in tensors.items():
-        module, _, kind = name.rpartition(".")
-        quantized = f"{module}.scales" in tensors
-        if quantized and kind in ("scales", "biases"):
-            continue
-        count = math.prod(t["shape"])
-        if quantized and kind == "weight":
-            bits = _quantization(config, module).get("bits", 4)
-            total += count * 32 // bits * dtype_bytes
-        elif t["dtype"] in _FLOAT_DTYPES:
+    for name, count in parameter_counts(tensors, read_config(model_path)).items():
+        t = tensors[name]
+        if name.rpartition(".")[0] in quantized or t["dtype"] in _FLOAT_DTYPES:
             total += count * dtype_bytes
         else:
             total += t["nbytes"]
@@ -290,7 +239,7 @@ def estimate(
             policy (``as-loaded``, ``float32``, ``bfloat16``, ``float16``).
         config: the model's config.json if already read.
         prefill_batch_size, prefill_step_size: the BatchGenerator's prefill settings
-            (default: the engine's, ``worker.engine.prefill_settings``).
+            (default: the engine's, ``worker.prefill.prefill_settings``).
         device: ``cpu``, ``metal`` or ``cuda`` (default: the installed MLX backend);
             only CPU materialises the attention scores.
         available: bytes free (default: ``available_bytes()``).
@@ -305,8 +254,6 @@ def estimate(
     if dtype and dtype != "as-loaded":
         dtype_bytes_weights = dtype_bytes_weights or _TORCH_DTYPE_BYTES[dtype]
     if device is None:
-        from worker.compute import mlx_backend
-
         device = mlx_backend()
     act_bytes = kv_dtype_bytes or dtype_bytes_weights or activation_dtype_bytes(model_path)
     weights = resident_weights_bytes(model_path, dtype_bytes_weights)
@@ -318,8 +265,6 @@ def estimate(
     # Prefill of the last chunk of one prefill batch, while the rest of the batch
     # already holds its cache (not yet grown by the decode's look-ahead token).
     if prefill_batch_size is None or prefill_step_size is None:
-        from worker.engine import prefill_settings
-
         prefill_batch_size, prefill_step_size = prefill_settings(batch_size)
     pb = min(prefill_batch_size, batch_size)
     chunk = min(prefill_step_size, context_tokens)

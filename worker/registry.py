@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import re
 import shutil
 import socket
-import struct
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,6 +27,7 @@ from typing import TYPE_CHECKING
 from jobs import settings
 from jobs.errors import ModelError, NotFound
 from jobs.hosts import pid_alive
+from worker.model_files import CONFIG_FILE, parameter_counts, read_config, tensor_headers
 
 if TYPE_CHECKING:
     from worker.convert import ConvertOptions
@@ -76,20 +75,8 @@ def list_models() -> list[ModelInfo]:
     return [
         _info(p)
         for p in sorted(root.iterdir())
-        if not p.name.startswith(".") and (p / "config.json").is_file()
+        if not p.name.startswith(".") and (p / CONFIG_FILE).is_file()
     ]
-
-
-def get(name: str) -> ModelInfo:
-    """The registry entry called ``name``.
-
-    Raises:
-        NotFound: no such model is installed.
-    """
-    path = _installed(name)
-    if path is None:
-        raise NotFound(_missing_message(name))
-    return _info(path)
 
 
 def resolve(name_or_path: str) -> str:
@@ -109,7 +96,7 @@ def resolve(name_or_path: str) -> str:
         return str(path)
     local = Path(name_or_path).expanduser()
     if local.is_dir():
-        if (local / "config.json").is_file():
+        if (local / CONFIG_FILE).is_file():
             return str(local.resolve())
         raise NotFound(f"{local} is a folder but not a model (it has no config.json); {_HINT}")
     if _REPO_ID.match(name_or_path):
@@ -136,11 +123,14 @@ def is_known(name: str) -> bool:
 
 
 def model_context_length(path: str | Path) -> int | None:
-    """``max_position_embeddings`` of a local model folder; None when unknown."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
+    """``max_position_embeddings`` of a local model folder; None when unknown.
+
+    Raises:
+        ModelError: a damaged config.json.
+    """
+    if not (Path(path) / CONFIG_FILE).is_file():
         return None
-    config = json.loads(config_file.read_text())
+    config = read_config(path)
     n = config.get("max_position_embeddings") or config.get("text_config", {}).get(
         "max_position_embeddings"
     )
@@ -244,7 +234,7 @@ def _installed(name: str) -> Path | None:
     if not _NAME.match(key):
         return None
     path = settings.models_dir() / key
-    return path if (path / "config.json").is_file() else None
+    return path if (path / CONFIG_FILE).is_file() else None
 
 
 def _scratch_prefix(kind: str) -> str:
@@ -355,7 +345,7 @@ def _hf_builder(repo_id: str) -> Callable[[Path], None]:
                 "with no network, `nightshift models pull smollm2` installs the default model "
                 "offline, and `nightshift models import-gguf FILE` imports a local GGUF file"
             ) from e
-        if not (target / "config.json").is_file():
+        if not (target / CONFIG_FILE).is_file():
             raise ModelError(f"{repo_id!r} has no config.json: it is not an MLX/transformers model")
 
     return build
@@ -379,7 +369,7 @@ def _shipped_gguf(name: str) -> Path:
 
 
 def _info(path: Path) -> ModelInfo:
-    config = json.loads((path / "config.json").read_text())
+    config = read_config(path)
     marker = path / MARKER
     source = json.loads(marker.read_text()).get("source") if marker.is_file() else None
     return ModelInfo(
@@ -403,28 +393,12 @@ def _bits(config: dict) -> int | str | None:
 
 
 def _parameters(path: Path, config: dict) -> int:
-    """Parameter count from the safetensors headers only (no tensor data read).
+    """Parameter count from the safetensors headers only (no tensor data read); 0 for
+    a folder without weights.
 
-    A quantized weight is stored as uint32 words holding 32/bits values each; its
-    ``scales``/``biases`` are quantization overhead, not parameters.
+    Raises:
+        ModelError: a damaged safetensors file.
     """
-    header: dict = {}
-    for file in path.glob("*.safetensors"):
-        with open(file, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header.update(json.loads(f.read(size)))
-    header.pop("__metadata__", None)
-    quant = config.get("quantization") or {}
-    total = 0
-    for name, entry in header.items():
-        count = math.prod(entry["shape"])
-        prefix, _, kind = name.rpartition(".")
-        quantized = f"{prefix}.scales" in header and entry["dtype"] == "U32"
-        if kind in ("scales", "biases") and f"{prefix}.scales" in header:
-            continue
-        if quantized and kind == "weight":
-            layer = quant.get(prefix)
-            bits = layer["bits"] if isinstance(layer, dict) else quant.get("bits")
-            count = count * 32 // bits if bits else count
-        total += count
-    return total
+    if not any(path.glob("*.safetensors")):
+        return 0
+    return sum(parameter_counts(tensor_headers(path), config).values())

@@ -1,0 +1,187 @@
+"""Make MLX's CPU backend use OpenBLAS, and tell which backend MLX runs on.
+
+The Linux CPU wheel of MLX links a reference BLAS (about 6 GFLOP/s for an fp32
+64x1536 @ 1536x1536 matmul on a 2-core Linux CPU); OpenBLAS from the
+``cmeel-openblas`` wheel does about 175 on two threads. It can only replace the
+reference one if it is loaded first, so ``ensure_fast_blas`` re-executes the process
+with ``LD_PRELOAD`` set (and lends it the ``libgfortran`` bundled with MLX where the
+system has none). Nothing here imports mlx: it runs before the re-execution.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+
+from jobs import settings
+
+log = logging.getLogger(__name__)
+
+BLAS_ENV = "NIGHTSHIFT_BLAS"  # "openblas" (default) or "reference"
+# Set in the re-executed process so it never re-executes again.
+REEXEC_MARK_ENV = "NIGHTSHIFT_BLAS_REEXEC"
+OPENBLAS_THREADS_ENV = "OPENBLAS_NUM_THREADS"
+
+
+def openblas_library() -> str | None:
+    """Path of ``libopenblas.so.0`` from the ``cmeel-openblas`` wheel, or None.
+
+    Found through the installed distribution's metadata, so nothing heavy is
+    imported.
+    """
+    try:
+        dist = metadata.distribution("cmeel-openblas")
+    except metadata.PackageNotFoundError:
+        return None
+    path = Path(str(dist.locate_file("cmeel.prefix/lib/libopenblas.so.0")))
+    return str(path) if path.is_file() else None
+
+
+def mlx_backend() -> str:
+    """The backend the installed MLX runs on: ``metal``, ``cuda`` or ``cpu``.
+
+    Read from the installed distributions, without importing mlx (which is slow
+    and would be wasted in a process about to re-execute).
+    """
+    if sys.platform == "darwin":
+        return "metal"
+    for name in ("mlx-cuda-13", "mlx-cuda-12", "mlx-cuda"):
+        try:
+            metadata.distribution(name)
+            return "cuda"
+        except metadata.PackageNotFoundError:
+            pass
+    return "cpu"
+
+
+def openblas_loaded(pid: int | str = "self") -> bool:
+    """Whether OpenBLAS is mapped into a process (Linux ``/proc/<pid>/maps``)."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+    return "libopenblas" in maps
+
+
+def cpu_threads() -> int:
+    """Physical cores this process may use: OpenBLAS gains nothing from SMT siblings."""
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except AttributeError:
+        allowed = os.cpu_count() or 1
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False) or allowed
+    except ImportError:
+        physical = allowed
+    return max(1, min(allowed, physical))
+
+
+def _gfortran_shim() -> str | None:
+    """A folder that provides ``libgfortran.so.5`` for OpenBLAS, or None if not needed.
+
+    The cmeel OpenBLAS needs ``libgfortran.so.5``, which many machines lack. The
+    MLX CPU wheel bundles one under a mangled name (auditwheel); a folder of
+    symlinks under the plain name, put on ``LD_LIBRARY_PATH``, lends it. Its
+    sibling libquadmath is linked too because ``$ORIGIN`` resolves to the symlink's
+    folder, not the target's.
+    """
+    import ctypes.util
+
+    if ctypes.util.find_library("gfortran"):
+        return None
+    try:
+        files = metadata.distribution("mlx-cpu").files or []
+    except metadata.PackageNotFoundError:
+        return None
+    found = [f for f in files if f.name.startswith("libgfortran") and ".so" in f.name]
+    if not found:
+        return None
+    source = Path(str(found[0].locate())).parent
+    shim = settings.home().resolve() / "cache" / "blas-libs"
+    shim.mkdir(parents=True, exist_ok=True)
+    links = {p.name: p for p in source.iterdir()
+             if p.name.startswith(("libgfortran", "libquadmath"))}
+    links["libgfortran.so.5"] = source / found[0].name
+    for name, target in links.items():
+        link = shim / name
+        if link.is_symlink() and os.readlink(link) == str(target):
+            continue
+        # Build beside and rename: several workers may start at once.
+        tmp = shim / f".{name}.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(target)
+        os.replace(tmp, link)
+    return str(shim)
+
+
+def fast_blas_env(environ: dict[str, str] | None = None) -> dict[str, str] | None:
+    """The environment that makes a new process load OpenBLAS, or None if there is none.
+
+    Adds OpenBLAS to ``LD_PRELOAD``, the libgfortran shim to ``LD_LIBRARY_PATH``
+    where needed, and ``OPENBLAS_NUM_THREADS`` (physical cores) unless already set.
+    Other OpenBLAS variables (``OPENBLAS_CORETYPE``...) are left as they are.
+    """
+    lib = openblas_library()
+    if lib is None:
+        return None
+    env = dict(os.environ if environ is None else environ)
+    env["LD_PRELOAD"] = " ".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
+    shim = _gfortran_shim()
+    if shim:
+        env["LD_LIBRARY_PATH"] = ":".join(p for p in (shim, env.get("LD_LIBRARY_PATH", "")) if p)
+    env.setdefault(OPENBLAS_THREADS_ENV, str(cpu_threads()))
+    env[REEXEC_MARK_ENV] = "1"
+    return env
+
+
+def ensure_fast_blas(argv: Sequence[str] | None = None, *, enabled: bool = True) -> None:
+    """Re-execute this process with OpenBLAS preloaded, when that makes MLX faster.
+
+    Only on Linux with MLX's CPU backend, and only if OpenBLAS is not mapped
+    already. Call it first thing in the worker's entry point: everything before it
+    runs twice. Does nothing (and returns) when disabled by ``enabled=False`` or
+    ``NIGHTSHIFT_BLAS=reference``, when this process is already the re-executed
+    one, or when OpenBLAS is not installed or cannot load (logged). On success it
+    does not return.
+
+    Args:
+        argv: the interpreter's arguments for the new process; default
+            ``sys.orig_argv[1:]`` (keeps ``-m module`` and ``-c`` intact).
+        enabled: False keeps the reference BLAS.
+    """
+    if not enabled or os.environ.get(BLAS_ENV, "openblas").lower() == "reference":
+        return
+    if not sys.platform.startswith("linux") or mlx_backend() != "cpu":
+        return
+    if openblas_loaded():
+        return
+    if "pytest" in sys.modules:
+        # Re-executing would restart the whole test session; tests that need
+        # OpenBLAS start a subprocess through this function instead.
+        return
+    if os.environ.get(REEXEC_MARK_ENV):
+        log.warning("OpenBLAS was preloaded but is not mapped; staying on the reference BLAS")
+        return
+    env = fast_blas_env()
+    if env is None:
+        log.warning("cmeel-openblas is not installed; MLX uses its slow reference BLAS")
+        return
+    # A preload that fails to load kills the process before Python starts: try it
+    # on a throwaway interpreter first (a few milliseconds).
+    probe = subprocess.run([sys.executable, "-S", "-c", ""], env=env, capture_output=True)
+    if probe.returncode != 0:
+        log.warning("OpenBLAS does not load here (%s); staying on the reference BLAS",
+                    probe.stderr.decode(errors="replace").strip())
+        return
+    args = list(sys.orig_argv[1:] if argv is None else argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *args], env)
+
