@@ -14,7 +14,7 @@ A. the seed's way: mlx-lm ``stream_generate`` one prompt after another, as mlx-l
    by length); rates are what is compared.
 B. mlx-lm's own ``batch_generate`` on every prompt at once, loaded as the worker loads
    (OpenBLAS preloaded, float32 weights, the measured batch size) and with the engine's
-   prefill settings (``worker.prefill.prefill_settings``): the engine's ceiling, without
+   prefill settings (``nightshift.worker.prefill.prefill_settings``): the engine's ceiling, without
    queue or database. ``--mlx-defaults`` adds B0, the same with mlx-lm's own prefill
    settings.
 C. nightshift end to end: ``nightshift submit``, then a real ``nightshift worker --drain``
@@ -306,7 +306,7 @@ def check(ran: Ran, what: str) -> Ran:
 
 
 def nightshift(*args) -> list[str]:
-    return [sys.executable, "-m", "cli", *map(str, args)]
+    return [sys.executable, "-m", "nightshift.cli", *map(str, args)]
 
 
 def plain_env(home: Path) -> dict:
@@ -333,9 +333,8 @@ def phase_a(data: dict) -> dict:
     """The seed's way: stream_generate one prompt after another, weights as loaded."""
     import mlx_lm
     from mlx_lm import stream_generate
-
-    from worker.blas import openblas_loaded
-    from worker.plan import choose_plan
+    from nightshift.worker.blas import openblas_loaded
+    from nightshift.worker.plan import choose_plan
 
     start = time.perf_counter()
     model, tokenizer = mlx_lm.load(data["model_path"])
@@ -367,9 +366,9 @@ def phase_b(data: dict) -> dict:
     settings, to show what the worker's schedule changes."""
     import importlib
 
-    from worker import loader
-    from worker.blas import openblas_loaded
-    from worker.prefill import prefill_settings
+    from nightshift.worker import loader
+    from nightshift.worker.blas import openblas_loaded
+    from nightshift.worker.prefill import prefill_settings
 
     # `import mlx_lm.generate` would give the function mlx_lm re-exports under that name.
     mg = importlib.import_module("mlx_lm.generate")
@@ -477,9 +476,8 @@ def job_figures(store, job_id: str) -> dict:
 
 
 def worker_row(store, worker_id: str) -> dict:
+    from nightshift.jobs.schema import workers
     from sqlalchemy import select
-
-    from jobs.schema import workers
 
     with store.read() as conn:
         w = conn.execute(select(workers).where(workers.c.id == worker_id)).first()
@@ -513,7 +511,7 @@ def python_startup() -> float:
     best = None
     for _ in range(3):
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import cli.main"], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "-c", "import nightshift.cli.main"], cwd=ROOT, check=True)
         best = min(best or 1e9, time.perf_counter() - t0)
     return best
 
@@ -652,8 +650,8 @@ def main() -> int:
 
 def run(results: dict, sizes: Sizes, skip: set[str], home: Path, work: Path,
         clock: Clock) -> None:
-    from jobs.store import Store
-    from worker.blas import fast_blas_env
+    from nightshift.jobs.store import Store
+    from nightshift.worker.blas import fast_blas_env
 
     env = plain_env(home)
     check(run_measured(nightshift("models", "pull", MODEL), env, work / "pull"), "models pull")
@@ -813,7 +811,7 @@ def ingest(sizes: Sizes, work: Path, home: Path, c_job: str, clock: Clock) -> di
     counts = json.loads(status_json.stdout)["counts"]
     # The same reads in this process (the path the command takes), without interpreter
     # start-up and imports.
-    from jobs.database import open_reads
+    from nightshift.jobs.database import open_reads
 
     reads = open_reads(f"sqlite:///{ihome / 'nightshift.db'}")
     inproc = []

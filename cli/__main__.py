@@ -1,5 +1,5 @@
-"""`python -m cli` is `nightshift`."""
+"""`python -m nightshift.cli` is `nightshift`."""
 
-from cli.main import cli
+from nightshift.cli.main import cli
 
 cli(prog_name="nightshift")

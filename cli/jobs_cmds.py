@@ -6,10 +6,9 @@ import sys
 import time
 
 import click
-
-from cli import output
-from jobs import settings
-from jobs.export import FORMATS
+from nightshift.cli import output
+from nightshift.jobs import settings
+from nightshift.jobs.export import FORMATS
 
 # Commands import what they use when they run: `status` must not pay for SQLAlchemy,
 # rich or the worker (see jobs/reads.py).
@@ -53,15 +52,14 @@ def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, sy
     nightshift submit questions.jsonl --max-tokens 512 --at 02:00
     cat batch.jsonl | nightshift submit - --model smollm2 --json
     """
+    from nightshift.jobs.errors import InputError
+    from nightshift.jobs.formats import Params
+    from nightshift.jobs.store import Store
+    from nightshift.jobs.submit import JobOptions, parse_at
+    from nightshift.worker import registry
+    from nightshift.worker.dispatch import submit
+    from nightshift.worker.queue import check_url
     from rich.progress import wrap_file
-
-    from jobs.errors import InputError
-    from jobs.formats import Params
-    from jobs.store import Store
-    from jobs.submit import JobOptions, parse_at
-    from worker import registry
-    from worker.dispatch import submit
-    from worker.queue import check_url
 
     try:
         not_before = parse_at(at) if at else None
@@ -128,8 +126,8 @@ def status_cmd(job, limit, as_json):
     It says plainly whether a worker is running and which model it serves: a job
     queued with no worker running is the classic overnight failure.
     """
-    from cli.status_view import job_detail, overview
-    from jobs.database import open_reads
+    from nightshift.cli.status_view import job_detail, overview
+    from nightshift.jobs.database import open_reads
 
     reads = open_reads()
     if job:
@@ -143,7 +141,7 @@ def status_cmd(job, limit, as_json):
 @output.json_option
 def cancel_cmd(job, as_json):
     """Stop a job's unstarted requests from running; finished results stay."""
-    from jobs.store import Store
+    from nightshift.jobs.store import Store
 
     n = Store().cancel(job)
     if as_json:
@@ -157,11 +155,11 @@ def cancel_cmd(job, as_json):
 @output.json_option
 def retry_cmd(job, as_json):
     """Queue a job's failed requests again."""
-    from jobs.store import Store
+    from nightshift.jobs.store import Store
 
     store = Store()
     n = store.retry(job)
-    from worker.dispatch import queue_job
+    from nightshift.worker.dispatch import queue_job
 
     warning = queue_job(store, job)[1] if n else None
     _warn(warning)
@@ -188,8 +186,8 @@ def export_cmd(job, fmt, out, force, raw_cells):
     nightshift export JOB -o results.jsonl
     nightshift export JOB --format csv > results.csv
     """
-    from jobs.database import open_reads
-    from jobs.export import export
+    from nightshift.jobs.database import open_reads
+    from nightshift.jobs.export import export
 
     if raw_cells and fmt != "csv":
         raise click.UsageError("--raw-cells applies to --format csv only (JSONL is never "

@@ -9,10 +9,9 @@ from __future__ import annotations
 import os
 
 import click
-
-from cli.output import printable
-from jobs import settings
-from jobs.errors import NightshiftError
+from nightshift.cli.output import printable
+from nightshift.jobs import settings
+from nightshift.jobs.errors import NightshiftError
 
 
 class Group(click.Group):
@@ -65,7 +64,7 @@ def cli():
 
 # The commands live in their own modules and import nothing from here; each is added
 # once, below, so the command tree reads in one place.
-from cli import jobs_cmds, models_cmds, worker_cmd  # noqa: E402
+from nightshift.cli import jobs_cmds, models_cmds, worker_cmd  # noqa: E402
 
 for command in (jobs_cmds.submit_cmd, jobs_cmds.status_cmd, jobs_cmds.cancel_cmd,
                 jobs_cmds.retry_cmd, jobs_cmds.export_cmd, worker_cmd.worker_cmd,

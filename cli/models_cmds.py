@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import click
-
-from cli import output
-from worker.convert import BITS, GROUP_SIZES, RECIPES
+from nightshift.cli import output
+from nightshift.worker.convert import BITS, GROUP_SIZES, RECIPES
 
 
 @click.group("models")
@@ -17,7 +16,7 @@ def models():
 @output.json_option
 def list_cmd(as_json):
     """The models in the local registry."""
-    from worker import registry
+    from nightshift.worker import registry
 
     found = registry.list_models()
     if as_json:
@@ -38,7 +37,7 @@ def list_cmd(as_json):
 @output.json_option
 def pull_cmd(name, as_json):
     """Install a model: smollm2 (the offline default) or an org/name repo where a network exists."""
-    from worker import registry
+    from nightshift.worker import registry
 
     info = registry.pull(name)
     if as_json:
@@ -54,7 +53,7 @@ def pull_cmd(name, as_json):
 @output.json_option
 def import_gguf_cmd(path, name, as_json):
     """Make an mlx-lm model folder from a GGUF file (Llama architecture)."""
-    from worker import registry
+    from nightshift.worker import registry
 
     info = registry.import_gguf(path, name)
     if as_json:
@@ -88,8 +87,8 @@ def convert_cmd(source, name, q_bits, q_group_size, recipe, dtype, as_json):
         --recipe embed_head_6
     nightshift models convert ./my-model --name my-model-q3 --recipe mixed_3_4
     """
-    from worker import registry
-    from worker.convert import ConvertOptions
+    from nightshift.worker import registry
+    from nightshift.worker.convert import ConvertOptions
 
     options = ConvertOptions(q_bits=int(q_bits) if q_bits else None,
                              q_group_size=int(q_group_size), recipe=recipe,
@@ -108,7 +107,7 @@ def convert_cmd(source, name, q_bits, q_group_size, recipe, dtype, as_json):
 @click.argument("name")
 def rm_cmd(name):
     """Remove a model from the registry (its folder is deleted)."""
-    from worker import registry
+    from nightshift.worker import registry
 
     registry.remove(name)
     output.echo(f"removed {name}")

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import click
-
-from cli import output
-from jobs.reads import Reads
-from jobs.vocabulary import CANCELLED, DONE, FAILED, QUEUED, RUNNING
+from nightshift.cli import output
+from nightshift.jobs.reads import Reads
+from nightshift.jobs.vocabulary import CANCELLED, DONE, FAILED, QUEUED, RUNNING
 
 
 def _worker_json(w) -> dict:

@@ -41,7 +41,7 @@ def worker_cmd(model, drain, batch_size, dtype, max_context, force, grace, trust
     nightshift worker --drain           # exit when the queue is empty
     nightshift worker --model smollm2   # serve only this model
     """
-    from worker import blas
+    from nightshift.worker import blas
 
     # Before MLX loads: on Linux CPU, restart with an optimised BLAS preloaded.
     blas.ensure_fast_blas()
@@ -49,10 +49,10 @@ def worker_cmd(model, drain, batch_size, dtype, max_context, force, grace, trust
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("huey").setLevel(logging.INFO if verbose else logging.WARNING)
 
-    from jobs.store import Store
-    from worker import registry
-    from worker.loader import LoadOptions
-    from worker.service import Worker, WorkerOptions
+    from nightshift.jobs.store import Store
+    from nightshift.worker import registry
+    from nightshift.worker.loader import LoadOptions
+    from nightshift.worker.service import Worker, WorkerOptions
 
     options = WorkerOptions(
         # Jobs store a model folder as an absolute path (registry.reference): match so.

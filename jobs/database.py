@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from jobs import settings
-from jobs.errors import NightshiftError
-from jobs.reads import Reads, SqliteReads
+from nightshift.jobs import settings
+from nightshift.jobs.errors import NightshiftError
+from nightshift.jobs.reads import Reads, SqliteReads
 
 if TYPE_CHECKING:
-    from jobs.store import Store
+    from nightshift.jobs.store import Store
 
 def sqlite_file(url: str) -> Path | None:
     """The file of a plain ``sqlite:///PATH`` URL; None for anything else (another
@@ -42,9 +42,8 @@ def open_reads(url: str | None = None) -> Reads | Store:
         if reads.migrated():
             return reads
         reads.close()
+    from nightshift.jobs.store import Store
     from sqlalchemy.exc import OperationalError
-
-    from jobs.store import Store
 
     try:
         return Store(url)

@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 import orjson
-
-from jobs.errors import NightshiftError
-from jobs.vocabulary import DONE, ttft_seconds
+from nightshift.jobs.errors import NightshiftError
+from nightshift.jobs.vocabulary import DONE, ttft_seconds
 
 if TYPE_CHECKING:  # the CLI imports this module for FORMATS: keep it light
-    from jobs.reads import Reads
+    from nightshift.jobs.reads import Reads
 
 CSV_COLUMNS = [
     "line", "custom_id", "status", "response", "finish_reason", "prompt_tokens",

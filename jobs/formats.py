@@ -23,8 +23,7 @@ from dataclasses import dataclass, fields
 from typing import Any, BinaryIO
 
 import orjson
-
-from jobs.errors import NightshiftError
+from nightshift.jobs.errors import NightshiftError
 
 # One line is held in memory whole; a longer one is skipped (without buffering it)
 # and reported. Large enough for a 50 MB prompt.

@@ -205,9 +205,8 @@ def apply(conn: Connection) -> list[str]:
     COMMITTED: a statement sees what committed before it began). On SQLite the write
     transaction (BEGIN IMMEDIATE, jobs/store.py) serialises them already.
     """
+    from nightshift.jobs import schema
     from sqlalchemy import select
-
-    from jobs import schema
 
     if conn.dialect.name == "postgresql":
         conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")

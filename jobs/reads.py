@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from jobs import migrations, settings
-from jobs.errors import NightshiftError, job_not_found
-from jobs.hosts import host_id, pid_alive
-from jobs.vocabulary import (
+from nightshift.jobs import migrations, settings
+from nightshift.jobs.errors import NightshiftError, job_not_found
+from nightshift.jobs.hosts import host_id, pid_alive
+from nightshift.jobs.vocabulary import (
     DONE,
     DONE_TTFT_WHERE,
     FAILED,

@@ -8,6 +8,7 @@ PostgreSQL, and what timing arithmetic wants.
 
 from __future__ import annotations
 
+from nightshift.jobs.vocabulary import DONE_TTFT_WHERE, STATUSES, TTFT, count_column
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -21,8 +22,6 @@ from sqlalchemy import (
     Text,
     text,
 )
-
-from jobs.vocabulary import DONE_TTFT_WHERE, STATUSES, TTFT, count_column
 
 metadata = MetaData()
 
@@ -112,7 +111,7 @@ workers = Table(
     Column("pid", Integer, nullable=False),
     Column("serves", Text),  # --model: the only model it serves; NULL = any
     Column("model", Text),  # the model loaded now
-    Column("state", String(16), nullable=False),  # a jobs.vocabulary.WorkerState
+    Column("state", String(16), nullable=False),  # a nightshift.jobs.vocabulary.WorkerState
     Column("compute", Text),  # the compute plan, one line
     Column("memory", Text),  # the memory estimate, one line
     Column("batch_size", Integer),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from jobs.errors import ConfigError
+from nightshift.jobs.errors import ConfigError
 
 HOME_ENV = "NIGHTSHIFT_HOME"
 DATABASE_URL_ENV = "NIGHTSHIFT_DATABASE_URL"

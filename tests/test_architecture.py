@@ -19,7 +19,8 @@ def _modules() -> dict[str, Path]:
     for package in PACKAGES:
         for path in (REPO / package).rglob("*.py"):
             parts = path.relative_to(REPO).with_suffix("").parts
-            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            found[f"nightshift.{name}"] = path  # installed under nightshift (pyproject.toml)
     return found
 
 
@@ -81,7 +82,7 @@ def test_the_checker_sees_a_cycle():
 
 
 def test_the_vocabulary_imports_nothing_of_the_project():
-    assert import_graph()["jobs.vocabulary"] == set()
+    assert import_graph()["nightshift.jobs.vocabulary"] == set()
 
 
 def _loaded_by(module: str) -> set[str]:
@@ -92,7 +93,8 @@ def _loaded_by(module: str) -> set[str]:
 
 
 def test_the_engine_and_the_model_file_readers_import_no_database_code():
-    for module in ("worker.engine", "worker.memory"):
+    for module in ("nightshift.worker.engine", "nightshift.worker.memory"):
         loaded = _loaded_by(module)
-        assert not {"sqlalchemy", "jobs.store", "jobs.schema"} & loaded, module
-    assert not {"mlx", "mlx_lm"} & _loaded_by("worker.memory")
+        database = {"sqlalchemy", "nightshift.jobs.store", "nightshift.jobs.schema"}
+        assert not database & loaded, module
+    assert not {"mlx", "mlx_lm"} & _loaded_by("nightshift.worker.memory")

@@ -8,11 +8,11 @@ import pickle
 import time
 
 import pytest
+from nightshift.jobs.submit import JobOptions, submit
+from nightshift.jobs.vocabulary import Chunk, Result
+from nightshift.worker.queue import Queue
 
-from jobs.submit import JobOptions, submit
-from jobs.vocabulary import Chunk, Result
 from tests.backends import redis_queue
-from worker.queue import Queue
 
 
 def job(store, n, **kw):

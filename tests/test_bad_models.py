@@ -10,11 +10,11 @@ import struct
 from pathlib import Path
 
 import pytest
+from nightshift.jobs.store import Store
+from nightshift.jobs.vocabulary import DONE, FAILED, QUEUED
+from nightshift.worker.queue import Queue
 
-from jobs.store import Store
-from jobs.vocabulary import DONE, FAILED, QUEUED
 from tests.chaos import install_model, run_cli, start_worker, submit, write_prompts
-from worker.queue import Queue
 
 pytestmark = pytest.mark.slow
 

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import mlx_lm
 import pytest
-
-from worker import batch_size
-from worker.plan import ComputePlan, choose_plan
+from nightshift.worker import batch_size
+from nightshift.worker.plan import ComputePlan, choose_plan
 
 
 @pytest.fixture

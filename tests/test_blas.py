@@ -9,8 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-from worker import blas
+from nightshift.worker import blas
 
 ROOT = Path(__file__).resolve().parents[1]
 linux_cpu = pytest.mark.skipif(
@@ -30,7 +29,7 @@ def default_blas_settings(monkeypatch):
 # and waits so the parent can read its memory map.
 CHILD = textwrap.dedent("""
     import sys
-    from worker.blas import ensure_fast_blas
+    from nightshift.worker.blas import ensure_fast_blas
     ensure_fast_blas()
     import mlx.core as mx, numpy as np
     a = mx.random.normal((64, 384)); b = mx.random.normal((384, 256))

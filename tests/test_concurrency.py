@@ -16,9 +16,9 @@ import time
 from collections import Counter
 
 import pytest
+from nightshift.jobs.store import Store
+from nightshift.jobs.vocabulary import CANCELLED, DONE, FAILED, QUEUED, RUNNING
 
-from jobs.store import Store
-from jobs.vocabulary import CANCELLED, DONE, FAILED, QUEUED, RUNNING
 from tests.chaos import REPO, counts, env, run_cli, start_worker, submit, write_prompts
 
 pytestmark = pytest.mark.slow
@@ -51,7 +51,7 @@ class Clients:
             n += 1
 
     def _cli(self, *args, stdin: bytes | None = None) -> str:
-        result = subprocess.run([sys.executable, "-m", "cli", *map(str, args)], cwd=REPO,
+        result = subprocess.run([sys.executable, "-m", "nightshift.cli", *map(str, args)], cwd=REPO,
                                 input=stdin, capture_output=True, timeout=120, env=env())
         with self.lock:
             self.commands[args[0]] += 1
@@ -180,8 +180,8 @@ def test_a_slow_submit_does_not_hold_up_the_worker(tiny_model, tmp_path):
     store = Store()
     first = write_prompts(tmp_path / "p.jsonl", 10)
     lines = [json.dumps(r).encode() + b"\n" for r in first]
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "submit", "-", "--model", "tiny",
-                             "--json", "-q"], cwd=REPO, env=env(), stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "nightshift.cli", "submit", "-", "--model",
+                             "tiny", "--json", "-q"], cwd=REPO, env=env(), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         proc.stdin.write(b"".join(lines[:5]))

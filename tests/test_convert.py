@@ -10,10 +10,10 @@ import mlx.nn as nn
 import mlx_lm
 import pytest
 from mlx_lm.convert import MODEL_CONVERSION_DTYPES, QUANT_RECIPES, mixed_quant_predicate_builder
+from nightshift.worker import convert
+from nightshift.worker.compat import nemotron_nas
 
 from tests.tiny_models import build_tiny_nemotron_nas
-from worker import convert
-from worker.compat import nemotron_nas
 
 
 @pytest.fixture(scope="module")

@@ -19,11 +19,11 @@ import time
 from collections import Counter
 
 import pytest
+from nightshift.jobs.schema import requests, workers
+from nightshift.jobs.store import Store
+from nightshift.jobs.vocabulary import QUEUED, RUNNING
 from sqlalchemy import select, update
 
-from jobs.schema import requests, workers
-from jobs.store import Store
-from jobs.vocabulary import QUEUED, RUNNING
 from tests.chaos import (
     PUT_BACK,
     Phases,
@@ -256,7 +256,7 @@ def test_a_worker_restarted_with_the_same_pid_takes_back_what_it_held(workload, 
     our pid and a fresh heartbeat is not alive, it is us."""
     import os
 
-    from jobs.hosts import host_id
+    from nightshift.jobs.hosts import host_id
 
     prompts, _ = workload
     store = Store()

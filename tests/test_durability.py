@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+from nightshift.jobs.schema import jobs, requests
+from nightshift.jobs.store import Store
+from nightshift.jobs.vocabulary import DONE
 from sqlalchemy import func, select
 
-from jobs.schema import jobs, requests
-from jobs.store import Store
-from jobs.vocabulary import DONE
 from tests.chaos import REPO, env, run_cli
 
 N_BIG = 60_000  # lines in the file a submit is killed in the middle of
@@ -36,9 +36,9 @@ def test_sqlite_settings_are_in_force_on_every_connection(home):
 
 _FINISH_SCRIPT = """
 import io, os, time
-from jobs.formats import iter_requests
-from jobs.store import Store
-from jobs.vocabulary import Result
+from nightshift.jobs.formats import iter_requests
+from nightshift.jobs.store import Store
+from nightshift.jobs.vocabulary import Result
 store = Store()
 mark = os.open(os.devnull, os.O_WRONLY)
 os.write(mark, b"SUBMIT")
@@ -110,8 +110,8 @@ def test_a_submission_killed_at_any_moment_is_whole_or_absent(tiny_model, tmp_pa
     rng = random.Random()
     outcomes = []
     for _ in range(8):
-        proc = subprocess.Popen([sys.executable, "-m", "cli", "submit", big, "--model", "tiny",
-                                 "-q"], cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen([sys.executable, "-m", "nightshift.cli", "submit", big, "--model",
+                                 "tiny", "-q"], cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(0.2, took))
         proc.send_signal(signal.SIGKILL)
@@ -125,8 +125,8 @@ def test_a_submission_from_a_pipe_killed_midway_stores_nothing(tiny_model, tmp_p
     big = _big_file(tmp_path / "big.jsonl").read_bytes()
     store = Store()
     for fraction in (0.1, 0.5, 0.99):
-        proc = subprocess.Popen([sys.executable, "-m", "cli", "submit", "-", "--model", "tiny",
-                                 "-q"], cwd=REPO, env=env(), stdin=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-m", "nightshift.cli", "submit", "-", "--model",
+                                 "tiny", "-q"], cwd=REPO, env=env(), stdin=subprocess.PIPE,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         proc.stdin.write(big[: int(len(big) * fraction)])
         proc.stdin.flush()
@@ -143,7 +143,7 @@ def test_a_job_stored_but_never_queued_still_runs(tiny_model, tmp_path):
     the job in the database."""
     import io
 
-    from jobs.formats import iter_requests
+    from nightshift.jobs.formats import iter_requests
 
     store = Store()
     lines = b"".join(b'{"prompt": "question %d", "max_tokens": 4}\n' % i for i in range(6))

@@ -6,11 +6,11 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx_lm
 import pytest
+from nightshift.jobs.vocabulary import Claimed
+from nightshift.worker.engine import Engine
+from nightshift.worker.prefix import PrefixCache, common_prefix
 
-from jobs.vocabulary import Claimed
 from tests.tiny_models import generate_single
-from worker.engine import Engine
-from worker.prefix import PrefixCache, common_prefix
 
 
 @pytest.fixture(scope="module")

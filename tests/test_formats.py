@@ -1,4 +1,5 @@
-"""Tests for jobs.formats: the accepted line shapes, every error with its line, and properties."""
+"""Tests for nightshift.jobs.formats: the accepted line shapes, every error with its line,
+and properties."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from jobs.formats import (
+from nightshift.jobs.formats import (
     MAX_TOKENS_LIMIT,
     SEED_LIMIT,
     LineError,
@@ -407,7 +407,8 @@ def test_memory_does_not_grow_with_the_file():
 
 
 def test_formats_does_not_import_mlx():
-    code = "import sys, jobs.formats; assert not [m for m in sys.modules if m.startswith('mlx')]"
+    code = ("import sys, nightshift.jobs.formats; "
+            "assert not [m for m in sys.modules if m.startswith('mlx')]")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -1,4 +1,4 @@
-"""worker.gguf: importing a Llama GGUF file as an mlx-lm model folder."""
+"""nightshift.worker.gguf: importing a Llama GGUF file as an mlx-lm model folder."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from jobs.errors import ModelError
+from nightshift.jobs.errors import ModelError
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +34,7 @@ def tiny_gguf(path: Path, arch: str, tensors: dict | None = None) -> Path:
 
 
 def test_not_a_gguf_file(tmp_path):
-    from worker.gguf import import_gguf
+    from nightshift.worker.gguf import import_gguf
 
     bogus = tmp_path / "model.gguf"
     bogus.write_text('{"not": "gguf"}')
@@ -47,7 +46,7 @@ def test_not_a_gguf_file(tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
-    from worker.gguf import import_gguf
+    from nightshift.worker.gguf import import_gguf
 
     with pytest.raises(ModelError, match="architecture 'gpt2' is not supported"):
         import_gguf(tiny_gguf(tmp_path / "g.gguf", "gpt2"), tmp_path / "out")
@@ -55,8 +54,7 @@ def test_unsupported_architecture(tmp_path):
 
 def test_unmapped_tensor_is_refused(tmp_path):
     import mlx.core as mx
-
-    from worker.gguf import import_gguf
+    from nightshift.worker.gguf import import_gguf
 
     gguf = tiny_gguf(tmp_path / "l.gguf", "llama", {"rope_freqs.weight": mx.zeros((4,))})
     with pytest.raises(ModelError, match="rope_freqs"):
@@ -64,7 +62,7 @@ def test_unmapped_tensor_is_refused(tmp_path):
 
 
 def test_existing_out_dir_is_refused(tmp_path):
-    from worker.gguf import import_gguf
+    from nightshift.worker.gguf import import_gguf
 
     (tmp_path / "out").mkdir()
     with pytest.raises(ModelError, match="already exists"):
@@ -73,8 +71,7 @@ def test_existing_out_dir_is_refused(tmp_path):
 
 def test_crash_while_writing_leaves_nothing(tmp_path, monkeypatch):
     import mlx.core as mx
-
-    from worker.gguf import import_gguf
+    from nightshift.worker.gguf import import_gguf
 
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
@@ -89,8 +86,7 @@ def test_crash_while_writing_leaves_nothing(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_import_loads_and_answers_paris(tmp_path):
     from mlx_lm import generate, load
-
-    from worker.gguf import import_gguf
+    from nightshift.worker.gguf import import_gguf
 
     out = import_gguf(shipped_gguf(), tmp_path / "smol")
     config = json.loads((out / "config.json").read_text())

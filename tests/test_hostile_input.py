@@ -15,11 +15,11 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from nightshift.jobs.schema import jobs, requests
+from nightshift.jobs.store import Store
+from nightshift.jobs.vocabulary import DONE, FAILED
 from sqlalchemy import func, select
 
-from jobs.schema import jobs, requests
-from jobs.store import Store
-from jobs.vocabulary import DONE, FAILED
 from tests.test_formats import json_values, shaped_values, valid_lines
 
 EXAMPLES = Counter()  # Hypothesis examples run, by test, for the report

@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from nightshift.jobs import settings
+from nightshift.jobs.store import Store
+from nightshift.jobs.vocabulary import CANCELLED, DONE, FAILED, QUEUED, RUNNING
 
-from jobs import settings
-from jobs.store import Store
-from jobs.vocabulary import CANCELLED, DONE, FAILED, QUEUED, RUNNING
 from tests.backends import postgres_database, redis_queue
 from tests.chaos import in_home, install_model, run_cli, start_worker
 
@@ -152,9 +152,8 @@ def _unfinished(group: Group, store: Store) -> int:
 def _safe_to_kill(store: Store, slot: Slot) -> bool:
     """The test's own kills spare a worker running requests lost before, so no healthy
     request dies three times by the test's hand (the killer request does that alone)."""
+    from nightshift.jobs.schema import requests
     from sqlalchemy import select
-
-    from jobs.schema import requests
 
     with store.read() as conn:
         return conn.execute(

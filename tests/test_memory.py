@@ -15,12 +15,12 @@ import mlx_lm
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.generate import BatchGenerator
+from nightshift.jobs.errors import ResourceError
+from nightshift.worker import memory
+from nightshift.worker.plan import ComputePlan, apply_plan, kv_dtype_bytes
+from nightshift.worker.prefill import prefill_settings
 
-from jobs.errors import ResourceError
 from tests.tiny_models import build_tiny_llama
-from worker import memory
-from worker.plan import ComputePlan, apply_plan, kv_dtype_bytes
-from worker.prefill import prefill_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 0.15
@@ -112,7 +112,7 @@ def peak_in_fresh_process(folder, batch: int, context: int) -> int:
     script = textwrap.dedent(f"""
         import json, mlx_lm
         from tests.test_memory import measure_peak
-        from worker.compat import nemotron_nas
+        from nightshift.worker.compat import nemotron_nas
         config = json.load(open("{folder}/config.json"))
         model, _ = mlx_lm.load("{folder}", **nemotron_nas.load_kwargs(config))
         nemotron_nas.apply(model)
@@ -178,9 +178,10 @@ def test_available_bytes_is_positive():
 
 def test_the_estimate_imports_no_mlx_no_database_no_engine():
     # It runs before a model loads (and in `models` commands): reading files only.
-    code = ("import sys, worker.memory, worker.batch_size; print(sorted(m for m in sys.modules "
+    code = ("import sys, nightshift.worker.memory, nightshift.worker.batch_size; "
+            "print(sorted(m for m in sys.modules "
             "if m.split('.')[0] in ('mlx', 'mlx_lm', 'sqlalchemy') "
-            "or m in ('worker.engine', 'worker.loader')))")
+            "or m in ('nightshift.worker.engine', 'nightshift.worker.loader')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
@@ -190,11 +191,11 @@ def test_the_estimate_imports_no_mlx_no_database_no_engine():
 # would take minutes): prints measured and estimated peaks as JSON.
 SMOLLM2_CHILD = textwrap.dedent("""
     import json, sys
-    from worker.blas import ensure_fast_blas
-    from worker.plan import apply_plan, choose_plan
+    from nightshift.worker.blas import ensure_fast_blas
+    from nightshift.worker.plan import apply_plan, choose_plan
     ensure_fast_blas()
     import mlx.core as mx, mlx_lm
-    from worker import memory
+    from nightshift.worker import memory
     from tests.test_memory import measure_peak
     path, batch, context = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     model, _ = mlx_lm.load(path)

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from nightshift.jobs import migrations, schema
+from nightshift.jobs.database import open_reads
+from nightshift.jobs.store import Store
 
-from jobs import migrations, schema
-from jobs.database import open_reads
-from jobs.store import Store
 from tests.backends import postgres_database
 
 # Migrations that have shipped, in order. Append new ones; never rename or reorder: the

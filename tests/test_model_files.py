@@ -6,9 +6,8 @@ import json
 import struct
 
 import pytest
-
-from jobs.errors import ModelError
-from worker import model_files
+from nightshift.jobs.errors import ModelError
+from nightshift.worker import model_files
 
 
 @pytest.mark.parametrize("text, says", [

@@ -11,11 +11,11 @@ import signal
 import weakref
 
 import mlx.core as mx
+from nightshift.jobs.store import Store
+from nightshift.worker import loader
+from nightshift.worker.service import Worker, WorkerOptions
 
-from jobs.store import Store
 from tests.workers import run_worker, start_worker, wait_for
-from worker import loader
-from worker.service import Worker, WorkerOptions
 
 MODELS = ("tiny-a", "tiny-b", "tiny-c")
 

@@ -8,6 +8,7 @@ import json
 
 import mlx_lm
 import pytest
+from nightshift.worker.compat import nemotron_nas
 
 from tests.tiny_models import (
     build_tiny_llama,
@@ -15,7 +16,6 @@ from tests.tiny_models import (
     generate_batched,
     generate_single,
 )
-from worker.compat import nemotron_nas
 
 TEXTS = [
     "Hi",

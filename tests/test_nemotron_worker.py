@@ -10,15 +10,15 @@ import shutil
 
 import mlx_lm
 import pytest
+from nightshift.jobs.schema import workers
+from nightshift.jobs.store import Store
+from nightshift.worker import memory
+from nightshift.worker.compat import nemotron_nas
 from sqlalchemy import select
 
-from jobs.schema import workers
-from jobs.store import Store
 from tests.test_memory import TOLERANCE, peak_in_fresh_process
 from tests.tiny_models import build_tiny_nemotron_nas, generate_single
 from tests.workers import run_worker
-from worker import memory
-from worker.compat import nemotron_nas
 
 TEXTS = [
     "Hi",

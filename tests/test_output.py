@@ -13,11 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from jobs.store import Store
-from jobs.submit import JobOptions, submit
-from jobs.vocabulary import Result
-from worker import registry
+from nightshift.jobs.store import Store
+from nightshift.jobs.submit import JobOptions, submit
+from nightshift.jobs.vocabulary import Result
+from nightshift.worker import registry
 
 REPO = Path(__file__).resolve().parent.parent
 HOSTILE_NAME = "[/bold] [red]x\x1b[2J\u202e"
@@ -88,7 +87,7 @@ def test_echoed_arguments_and_errors_escape_control_characters(invoke, model, tm
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
 def test_export_reports_the_records_it_wrote(invoke, model, tmp_path, fmt):
-    from jobs.export import export
+    from nightshift.jobs.export import export
 
     store = Store()
     job = make_job(store, [{"prompt": f"q{i}"} for i in range(3)])
@@ -258,7 +257,8 @@ def test_status_and_export_read_a_read_only_home(model, home):
         prefix = _as_reader(home)
 
         def run(*args):
-            return subprocess.run([*prefix, sys.executable, "-m", "cli", *args], cwd=REPO,
+            return subprocess.run([*prefix, sys.executable, "-m", "nightshift.cli", *args],
+                                  cwd=REPO,
                                   capture_output=True, text=True, timeout=60)
 
         status, detail, exported, empty = (

@@ -6,9 +6,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
 import pytest
-
-from worker import blas
-from worker.plan import (
+from nightshift.worker import blas
+from nightshift.worker.plan import (
     ComputePlan,
     apply_plan,
     choose_plan,

@@ -9,12 +9,11 @@ import json
 import sqlite3
 
 import pytest
-
-from jobs import settings
-from jobs.store import Store
-from jobs.vocabulary import Chunk
-from worker.dispatch import queue_job
-from worker.queue import Queue, make_huey
+from nightshift.jobs import settings
+from nightshift.jobs.store import Store
+from nightshift.jobs.vocabulary import Chunk
+from nightshift.worker.dispatch import queue_job
+from nightshift.worker.queue import Queue, make_huey
 
 
 @pytest.fixture
@@ -107,7 +106,7 @@ def test_a_damaged_queue_file_is_set_aside_by_submit(invoke, prompts, home, capl
 
 
 def test_a_worker_starts_on_a_damaged_queue(home):
-    from worker.service import Worker
+    from nightshift.worker.service import Worker
 
     garbage(home / "queue.db")
     worker = Worker(Store())

@@ -12,13 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+from nightshift.jobs import migrations, settings
+from nightshift.jobs.database import open_reads
+from nightshift.jobs.reads import SqliteReads
+from nightshift.jobs.store import Store
+from nightshift.jobs.vocabulary import STATUSES, Result, count_column
 from sqlalchemy import text
 
-from jobs import migrations, settings
-from jobs.database import open_reads
-from jobs.reads import SqliteReads
-from jobs.store import Store
-from jobs.vocabulary import STATUSES, Result, count_column
 from tests.test_store import make_job
 
 REPO = Path(__file__).resolve().parent.parent
@@ -163,7 +163,7 @@ def test_m002_upgrades_a_database_made_before_it(home):
 def heavy_imports(*args: str) -> tuple[str, list[str]]:
     """Run `nightshift ARGS` in a fresh interpreter; its output, and which of SQLAlchemy,
     MLX and rich it imported."""
-    code = ("import sys; from cli.main import cli\n"
+    code = ("import sys; from nightshift.cli.main import cli\n"
             f"cli({list(args)!r}, standalone_mode=False)\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & "
             "{'sqlalchemy', 'mlx', 'mlx_lm', 'rich'}), file=sys.stderr)")

@@ -1,4 +1,4 @@
-"""worker.registry: the local model registry."""
+"""nightshift.worker.registry: the local model registry."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ import types
 from pathlib import Path
 
 import pytest
-
-from jobs import settings
-from jobs.errors import ModelError, NotFound
-from worker import registry
+from nightshift.jobs import settings
+from nightshift.jobs.errors import ModelError, NotFound
+from nightshift.worker import registry
 
 
 @pytest.fixture(autouse=True)
@@ -222,7 +221,8 @@ def test_pull_repo_that_cannot_be_downloaded():
 
 
 def test_registry_import_does_not_load_mlx():
-    code = "import sys, worker.registry; print(any(m.startswith('mlx') for m in sys.modules))"
+    code = ("import sys, nightshift.worker.registry; "
+            "print(any(m.startswith('mlx') for m in sys.modules))")
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
@@ -249,8 +249,8 @@ def build(gguf, target):
     target.mkdir()
     killed()
 
-sys.modules["worker.gguf"] = types.SimpleNamespace(import_gguf=build)  # no mlx
-from worker import registry
+sys.modules["nightshift.worker.gguf"] = types.SimpleNamespace(import_gguf=build)  # no mlx
+from nightshift.worker import registry
 
 def rmtree(path, *args, rmtree=shutil.rmtree, **kwargs):
     if os.path.basename(path).startswith(".removing-"):  # the model, once renamed away
@@ -288,7 +288,8 @@ def test_an_install_in_progress_is_not_swept(monkeypatch):
         registry.list_models()  # as another command would, meanwhile
         seen.append(target.is_dir())
 
-    monkeypatch.setitem(sys.modules, "worker.gguf", types.SimpleNamespace(import_gguf=build))
+    monkeypatch.setitem(sys.modules, "nightshift.worker.gguf",
+                        types.SimpleNamespace(import_gguf=build))
     assert registry.import_gguf("model.gguf", "fresh").name == "fresh"
     assert seen == [True]
 

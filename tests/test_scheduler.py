@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from jobs.vocabulary import Chunk
-from worker.scheduler import Scheduler
+from nightshift.jobs.vocabulary import Chunk
+from nightshift.worker.scheduler import Scheduler
 
 
 def test_best_first_by_priority_then_arrival_for_the_loaded_model():

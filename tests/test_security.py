@@ -12,14 +12,14 @@ from contextlib import contextmanager
 
 import pytest
 import sqlalchemy
+from nightshift.jobs.schema import jobs, requests
+from nightshift.jobs.store import Store
+from nightshift.jobs.vocabulary import DONE
+from nightshift.worker.queue import Queue
 from sqlalchemy import event, func, select
 
-from jobs.schema import jobs, requests
-from jobs.store import Store
-from jobs.vocabulary import DONE
 from tests.chaos import install_model, run_cli, start_worker, submit, write_prompts
 from tests.workers import wait_for
-from worker.queue import Queue
 
 
 class _Exploit:

@@ -13,9 +13,9 @@ import signal
 import time
 
 import pytest
+from nightshift.jobs.store import Store
+from nightshift.jobs.vocabulary import DONE, QUEUED
 
-from jobs.store import Store
-from jobs.vocabulary import DONE, QUEUED
 from tests.chaos import PUT_BACK, Phases, install_model, start_worker, submit, write_prompts
 from tests.workers import wait_for
 

@@ -8,13 +8,12 @@ import json
 import time
 
 import pytest
-
-from jobs import migrations as migrations_module
-from jobs import settings
-from jobs.errors import InputError, NotFound
-from jobs.store import Store
-from jobs.submit import JobOptions, parse_at, submit
-from jobs.vocabulary import Chunk, Recovered, Result
+from nightshift.jobs import migrations as migrations_module
+from nightshift.jobs import settings
+from nightshift.jobs.errors import InputError, NotFound
+from nightshift.jobs.store import Store
+from nightshift.jobs.submit import JobOptions, parse_at, submit
+from nightshift.jobs.vocabulary import Chunk, Recovered, Result
 
 
 def lines(*objs) -> io.BytesIO:
@@ -94,7 +93,7 @@ def test_claim_is_exclusive_and_finish_is_once(home):
 def test_params_merge_job_defaults_with_line_overrides(home):
     store = Store()
     data = lines({"prompt": "a"}, {"prompt": "b", "max_tokens": 7, "temperature": 0.5})
-    from jobs.formats import Params
+    from nightshift.jobs.formats import Params
 
     job_id, _ = submit(store, data, "f", JobOptions(model="m", params=Params(max_tokens=99),
                                                     system="be brief"), lambda m: m)
@@ -157,9 +156,8 @@ def test_parse_at_time_of_day_is_the_next_one():
 def test_migrations_are_recorded_once(home):
     Store()
     store = Store()
+    from nightshift.jobs.schema import migrations
     from sqlalchemy import select
-
-    from jobs.schema import migrations
 
     with store.read() as conn:
         names = conn.execute(select(migrations.c.name)).scalars().all()
@@ -265,7 +263,7 @@ def test_a_locked_database_is_retried_not_fatal(home, monkeypatch, caplog):
     import sqlite3
     import threading
 
-    from jobs import store as store_module
+    from nightshift.jobs import store as store_module
 
     monkeypatch.setattr(store_module, "SQLITE_PRAGMAS", tuple(
         "busy_timeout=100" if p.startswith("busy_timeout") else p
@@ -287,10 +285,9 @@ def test_a_locked_database_is_retried_not_fatal(home, monkeypatch, caplog):
 def test_heartbeats_are_judged_on_the_database_clock(store, monkeypatch):
     """A worker host whose clock runs an hour behind still looks alive, and one whose
     heartbeat the database saw long ago is dead, whatever this host's clock says."""
+    from nightshift.jobs.hosts import host_id
+    from nightshift.jobs.schema import workers
     from sqlalchemy import update
-
-    from jobs.hosts import host_id
-    from jobs.schema import workers
 
     job_id, _ = make_job(store, 4)
     store.register_worker("far-host:1:1", "elsewhere-123456789abc", 1, None)
@@ -313,10 +310,9 @@ def test_a_real_deadlock_and_a_lost_connection_are_transient(store):
     dies, is retried (``_transient``); a constraint violation is not."""
     import threading
 
+    from nightshift.jobs.store import _transient
     from sqlalchemy import text
     from sqlalchemy.exc import DBAPIError
-
-    from jobs.store import _transient
 
     if store.dialect != "postgresql":
         pytest.skip("SQLite locks the whole database: no deadlock between rows")
@@ -359,7 +355,7 @@ def test_a_real_deadlock_and_a_lost_connection_are_transient(store):
 
 def test_host_ids_tell_containers_and_boots_apart(monkeypatch):
     """Same hostname, different pid namespace (two containers) or boot: different hosts."""
-    from jobs import hosts
+    from nightshift.jobs import hosts
 
     def host_id_with(**parts):
         hosts.host_id.cache_clear()

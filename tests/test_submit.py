@@ -15,13 +15,13 @@ import threading
 import time
 
 import pytest
+from nightshift.jobs import migrations, settings
+from nightshift.jobs.errors import InputError, NotFound
+from nightshift.jobs.reads import SqliteReads
+from nightshift.jobs.store import INSERT_BATCH, Store
+from nightshift.jobs.submit import JobOptions, submit
 from sqlalchemy import text
 
-from jobs import migrations, settings
-from jobs.errors import InputError, NotFound
-from jobs.reads import SqliteReads
-from jobs.store import INSERT_BATCH, Store
-from jobs.submit import JobOptions, submit
 from tests.chaos import REPO
 
 BIG = 300_000  # lines: several seconds of storing, 75 transactions
@@ -145,8 +145,8 @@ def test_an_unknown_model_after_many_batches_stores_nothing(store):
 # A submit that stores two batches, then hangs before the rest (as if killed mid-file).
 _STUCK_SUBMIT = f"""
 import io, time
-from jobs.formats import iter_requests
-from jobs.store import Store
+from nightshift.jobs.formats import iter_requests
+from nightshift.jobs.store import Store
 
 def specs():
     yield from iter_requests(io.BytesIO(b'{{"prompt": "q"}}\\n' * {2 * INSERT_BATCH + 5}), "f")

@@ -54,7 +54,7 @@ def test_builds_are_deterministic(tmp_path):
 
 
 def test_nemotron_nas_mixes_every_block_kind(tmp_path):
-    from worker.compat.nemotron_nas import load_kwargs
+    from nightshift.worker.compat.nemotron_nas import load_kwargs
 
     folder = build_tiny_nemotron_nas(tmp_path / "nas")
     config = json.loads((folder / "config.json").read_text())

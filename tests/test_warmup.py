@@ -12,10 +12,10 @@ import json
 import statistics
 
 import pytest
+from nightshift.jobs.schema import workers
+from nightshift.jobs.store import Store
 from sqlalchemy import select
 
-from jobs.schema import workers
-from jobs.store import Store
 from tests.workers import run_worker
 
 pytestmark = pytest.mark.slow

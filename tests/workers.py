@@ -9,7 +9,7 @@ import time
 
 
 def worker_command(*args) -> list[str]:
-    return [sys.executable, "-m", "cli", "worker", *map(str, args)]
+    return [sys.executable, "-m", "nightshift.cli", "worker", *map(str, args)]
 
 
 def start_worker(*args, log_path=None) -> subprocess.Popen:

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from jobs import settings
-from worker.plan import ComputePlan
+from nightshift.jobs import settings
+from nightshift.worker.plan import ComputePlan
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def measure_batch_size(
         prompt_len: tokens of context each sequence starts with.
         new_tokens: tokens decoded per sequence.
         max_batch_size: the largest batch that fits in memory at the worker's context
-            (``worker.memory.MemoryEstimate.max_batch_size``), or None for no limit.
+            (``nightshift.worker.memory.MemoryEstimate.max_batch_size``), or None for no limit.
 
     Returns:
         ``(chosen batch size, {batch size: tok/s})``.

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
-from jobs import settings
+from nightshift.jobs import settings
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.errors import ModelError
-from worker.model_files import CONFIG_FILE, read_config
+from nightshift.jobs.errors import ModelError
+from nightshift.worker.model_files import CONFIG_FILE, read_config
 
 # The rule from running Nemotron-253B on an M3 Ultra: keep the layers every token
 # passes through twice (in and out) at higher precision.
@@ -142,8 +142,7 @@ def convert(source: str, dest: str | Path, options: ConvertOptions) -> dict:
     from mlx.utils import tree_map_with_path
     from mlx_lm.convert import mixed_quant_predicate_builder
     from mlx_lm.utils import compute_bits_per_weight, load, quantize_model, save
-
-    from worker.compat import nemotron_nas
+    from nightshift.worker.compat import nemotron_nas
 
     source_config = read_config(source) if (Path(source) / CONFIG_FILE).is_file() else {}
     # mlx-lm prints [INFO] lines on stdout; keep stdout for the command's own output.

@@ -20,12 +20,12 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
-from jobs.vocabulary import Chunk
-from worker.queue import Queue
+from nightshift.jobs.vocabulary import Chunk
+from nightshift.worker.queue import Queue
 
 if TYPE_CHECKING:
-    from jobs.store import Store
-    from jobs.submit import JobOptions
+    from nightshift.jobs.store import Store
+    from nightshift.jobs.submit import JobOptions
 
 log = logging.getLogger("nightshift.dispatch")
 
@@ -43,12 +43,12 @@ class Submitted:
 def submit(store: Store, stream: BinaryIO, source: str, options: JobOptions,
            model_reference: Callable[[str], str | None],
            queue_url: str | None = None) -> Submitted:
-    """Check and store a whole file as one job (``jobs.submit.submit``), then queue it.
+    """Check and store a whole file as one job (``nightshift.jobs.submit.submit``), then queue it.
 
     Raises:
         InputError: bad lines, an empty file or an unknown model; nothing is stored.
     """
-    from jobs.submit import submit as store_job
+    from nightshift.jobs.submit import submit as store_job
 
     job_id, count = store_job(store, stream, source, options, model_reference)
     tasks, warning = queue_job(store, job_id, queue_url)

@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, make_stop_sequences
 from mlx_lm.sample_utils import apply_top_p
-
-from jobs import settings
-from jobs.vocabulary import Claimed, Result
-from worker.prefill import prefill_settings
-from worker.prefix import PrefixCache
+from nightshift.jobs import settings
+from nightshift.jobs.vocabulary import Claimed, Result
+from nightshift.worker.prefill import prefill_settings
+from nightshift.worker.prefix import PrefixCache
 
 log = logging.getLogger("nightshift.engine")
 

@@ -16,7 +16,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from jobs.errors import ModelError
+from nightshift.jobs.errors import ModelError
 
 GGUF_MAGIC = b"GGUF"
 # Every quantized GGUF type MLX keeps packed (Q4_0, Q4_1, Q8_0) uses blocks of 32.

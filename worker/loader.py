@@ -12,12 +12,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.errors import ModelError, NightshiftError
-from worker import memory, registry
-from worker.batch_size import BATCH_CANDIDATES, cached_batch_size
-from worker.compat import nemotron_nas
-from worker.model_files import read_config
-from worker.plan import ComputePlan, apply_plan, choose_plan, planned_dtype
+from nightshift.jobs.errors import ModelError, NightshiftError
+from nightshift.worker import memory, registry
+from nightshift.worker.batch_size import BATCH_CANDIDATES, cached_batch_size
+from nightshift.worker.compat import nemotron_nas
+from nightshift.worker.model_files import read_config
+from nightshift.worker.plan import ComputePlan, apply_plan, choose_plan, planned_dtype
 
 log = logging.getLogger("nightshift.loader")
 WARMUP_PROMPT = "Hello"

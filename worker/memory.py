@@ -2,7 +2,7 @@
 
 Everything here reads ``config.json`` and the safetensors headers only; mlx is
 imported lazily, and only on macOS to ask Metal for its working-set limit. The loader
-(``worker.loader``) passes what it learns here on: the batch size that fits goes to
+(``nightshift.worker.loader``) passes what it learns here on: the batch size that fits goes to
 the batch-size measurement, which does not import this module.
 
 The estimate is of MLX's peak allocation (``mx.get_peak_memory()``) while
@@ -28,15 +28,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.errors import ResourceError
-from worker.blas import mlx_backend
-from worker.model_files import (
+from nightshift.jobs.errors import ResourceError
+from nightshift.worker.blas import mlx_backend
+from nightshift.worker.model_files import (
     parameter_counts,
     quantized_layers,
     read_config,
     tensor_headers,
 )
-from worker.prefill import prefill_settings
+from nightshift.worker.prefill import prefill_settings
 
 GB = 1e9
 # mlx-lm's KVCache / BatchKVCache grow in steps of this many tokens.
@@ -239,7 +239,7 @@ def estimate(
             policy (``as-loaded``, ``float32``, ``bfloat16``, ``float16``).
         config: the model's config.json if already read.
         prefill_batch_size, prefill_step_size: the BatchGenerator's prefill settings
-            (default: the engine's, ``worker.prefill.prefill_settings``).
+            (default: the engine's, ``nightshift.worker.prefill.prefill_settings``).
         device: ``cpu``, ``metal`` or ``cuda`` (default: the installed MLX backend);
             only CPU materialises the attention scores.
         available: bytes free (default: ``available_bytes()``).

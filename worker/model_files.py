@@ -14,7 +14,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from jobs.errors import ModelError
+from nightshift.jobs.errors import ModelError
 
 CONFIG_FILE = "config.json"
 _DAMAGED = "the model folder is damaged; pull or import it again"

@@ -1,7 +1,7 @@
 """The compute plan: which device, BLAS and weight dtype run a model on this machine.
 
 MLX's quantized kernels are the fast path on Metal and CUDA, but on CPU they are much
-slower than float32 weights through OpenBLAS (see ``worker.blas``); bfloat16 and
+slower than float32 weights through OpenBLAS (see ``nightshift.worker.blas``); bfloat16 and
 float16 matmuls do not use BLAS at all. So on CPU the weights are dequantized to
 float32 (see ``_cpu_weights`` for the numbers, measured on a 2-core Linux CPU).
 """
@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker import blas
+from nightshift.worker import blas
 
 WEIGHT_DTYPES = ("as-loaded", "float32", "bfloat16", "float16")
 

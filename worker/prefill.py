@@ -1,6 +1,6 @@
 """How the engine schedules prefill, in numbers the memory estimate uses too.
 
-Its own module (no mlx) so that ``worker.memory`` can size the prefill before a
+Its own module (no mlx) so that ``nightshift.worker.memory`` can size the prefill before a
 model is loaded without importing the engine.
 """
 

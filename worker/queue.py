@@ -21,10 +21,9 @@ from pathlib import Path
 from huey import Huey, PriorityRedisHuey, SqliteHuey
 from huey.registry import Message
 from huey.serializer import Serializer
-
-from jobs import settings
-from jobs.errors import ConfigError
-from jobs.vocabulary import Chunk
+from nightshift.jobs import settings
+from nightshift.jobs.errors import ConfigError
+from nightshift.jobs.vocabulary import Chunk
 
 TASK_NAME = "run_chunk"
 TASK_ID = f"{__name__}.{TASK_NAME}"  # how Huey names it in each message

@@ -24,13 +24,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from jobs import settings
-from jobs.errors import ModelError, NotFound
-from jobs.hosts import pid_alive
-from worker.model_files import CONFIG_FILE, parameter_counts, read_config, tensor_headers
+from nightshift.jobs import settings
+from nightshift.jobs.errors import ModelError, NotFound
+from nightshift.jobs.hosts import pid_alive
+from nightshift.worker.model_files import CONFIG_FILE, parameter_counts, read_config, tensor_headers
 
 if TYPE_CHECKING:
-    from worker.convert import ConvertOptions
+    from nightshift.worker.convert import ConvertOptions
 
 MARKER = "nightshift.json"
 # Registry names that `pull` installs without a network: name -> (package, file in it).
@@ -183,7 +183,7 @@ def convert(source: str, name: str, options: ConvertOptions | None = None) -> Mo
     Args:
         source: a registry name, a local float model folder, or a Hugging Face repo id.
         name: the new registry name.
-        options: a ``worker.convert.ConvertOptions`` (bits, group size, recipe, dtype);
+        options: a ``nightshift.worker.convert.ConvertOptions`` (bits, group size, recipe, dtype);
             None: 4-bit, group size 64.
 
     Raises:
@@ -191,7 +191,9 @@ def convert(source: str, name: str, options: ConvertOptions | None = None) -> Mo
         ModelError: bad options, a quantized source, the name is invalid or taken, or
             the conversion failed.
     """
-    from worker import convert as conversion  # no mlx at import: only its checks run here
+    from nightshift.worker import (
+        convert as conversion,  # no mlx at import: only its checks run here
+    )
 
     options = options or conversion.ConvertOptions()
     conversion.check_options(options)
@@ -324,7 +326,7 @@ def _install(name: str, build: Callable[[Path], None], source: str, kind: str,
 
 def _gguf_builder(gguf: Path) -> Callable[[Path], None]:
     def build(target: Path) -> None:
-        from worker.gguf import import_gguf as convert  # lazy: pulls in mlx
+        from nightshift.worker.gguf import import_gguf as convert  # lazy: pulls in mlx
 
         convert(gguf, target)
 

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from jobs.vocabulary import Chunk
+from nightshift.jobs.vocabulary import Chunk
 
 
 @dataclass(order=True)

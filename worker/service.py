@@ -26,16 +26,15 @@ import time
 from dataclasses import dataclass
 
 from huey.consumer import Consumer, ConsumerStopped
-
-from jobs import settings
-from jobs.errors import NightshiftError, ResourceError
-from jobs.store import Store, worker_identity
-from jobs.vocabulary import Chunk, Recovered, Result, WorkerState
-from worker import dispatch, loader
-from worker.engine import Engine
-from worker.prefix import PrefixCache
-from worker.queue import Queue
-from worker.scheduler import Scheduler
+from nightshift.jobs import settings
+from nightshift.jobs.errors import NightshiftError, ResourceError
+from nightshift.jobs.store import Store, worker_identity
+from nightshift.jobs.vocabulary import Chunk, Recovered, Result, WorkerState
+from nightshift.worker import dispatch, loader
+from nightshift.worker.engine import Engine
+from nightshift.worker.prefix import PrefixCache
+from nightshift.worker.queue import Queue
+from nightshift.worker.scheduler import Scheduler
 
 log = logging.getLogger("nightshift.worker")
 SWEEP_SECONDS = 1.0  # how often an idle worker looks in the database for lost work
