@@ -22,6 +22,7 @@ from tests.workers import wait_for
 pytestmark = pytest.mark.slow
 
 RUNS = 50
+LOADING_RUNS = 20
 STOP_BOUND_SECONDS = 15.0
 
 
@@ -57,6 +58,30 @@ def test_a_signal_just_after_ready_stops_the_worker_every_time(tiny_model, tmp_p
         assert code == 0, f"run {run}: {sig.name}: exit {code}\n{log.read_text()}"
         assert len(PUT_BACK.findall(log.read_text())) == 1, log.read_text()
     print(f"\n{RUNS} stops just after ready, none missed; slowest exit {slowest:.1f} s")
+
+
+@pytest.mark.xfail(strict=False, reason="a stop signal sent while the model loads is lost "
+                   "about one time in ten; cause not found yet (issue 9)")
+def test_a_signal_while_the_model_loads_stops_the_worker_every_time(tiny_model, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    write_prompts(prompts, 8)
+    submit(prompts, "--model", "tiny")
+    rng = random.Random(LOADING_RUNS)
+    for run in range(LOADING_RUNS):
+        sig = (signal.SIGINT, signal.SIGTERM)[run % 2]
+        phases = Phases(tmp_path / f"phases-{run}")
+        log = tmp_path / f"loading-{run}.log"
+        proc = start_worker("--model", "tiny", "--batch-size", "4", "--grace", "1",
+                            log_path=log, phases=phases.path)
+        try:
+            phases.wait_for("loading", proc)
+            time.sleep(rng.uniform(0, 0.05))
+            proc.send_signal(sig)
+            assert proc.wait(timeout=STOP_BOUND_SECONDS) == 0, log.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def test_a_stop_during_a_model_switch_is_prompt(home, tiny_llama_dir, tmp_path):
