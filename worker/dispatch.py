@@ -15,7 +15,6 @@ Every path from database state to queue tasks goes through here: a submit
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
@@ -77,10 +76,9 @@ def queue_job(store: Store, job_id: str, queue_url: str | None = None) -> tuple[
 def runnable(store: Store, model: str | None = None,
              skip_models: Collection[str] = ()) -> list[Chunk]:
     """The chunks of queued requests that may start now, highest priority first (of
-    ``model``'s jobs, and not of ``skip_models``): what an idle worker's sweep takes."""
-    now = time.time()
-    return [c for c in store.runnable_chunks(model, now=now)
-            if (not c.not_before or c.not_before <= now) and c.model not in skip_models]
+    ``model``'s jobs, and not of ``skip_models``): what an idle worker's sweep takes.
+    The store reads only jobs whose start time has come."""
+    return [c for c in store.runnable_chunks(model) if c.model not in skip_models]
 
 
 def queue_runnable(store: Store, queue: Queue, model: str | None = None,
