@@ -30,9 +30,11 @@ BATCH_CACHE_FILE = "batch-sizes.json"
 def _decode_rate(model: Any, prefix_cache: list, last: int, batch: int, new_tokens: int) -> float:
     """Decode tok/s of ``batch`` copies of one prefilled prompt through BatchGenerator."""
     from mlx_lm.generate import BatchGenerator
+    from nightshift.worker.decode import use_logits_step
 
     gen = BatchGenerator(model, max_tokens=new_tokens, completion_batch_size=batch,
                          prefill_batch_size=batch)
+    use_logits_step(gen)  # the engine's step, so the curve is the engine's
     try:
         # Every request shares the prefilled prefix (merging copies it), so only
         # one token per request is prefilled and the timing is the decode.

@@ -18,6 +18,7 @@ from mlx_lm.generate import BatchGenerator, make_stop_sequences
 from mlx_lm.sample_utils import apply_top_p
 from nightshift.jobs import settings
 from nightshift.jobs.vocabulary import Claimed, Result
+from nightshift.worker.decode import use_logits_step
 from nightshift.worker.prefill import prefill_settings
 from nightshift.worker.prefix import PrefixCache
 
@@ -90,6 +91,7 @@ class Engine:
             prefill_batch_size=prefill_batch_size or default_batch,
             prefill_step_size=prefill_step_size or default_step,
         )
+        use_logits_step(self.generator)  # no vocabulary log-softmax per step
         self.live: dict[int, Live] = {}
         # Requests that were in a batch when a step raised: rerun one at a time, so
         # the one that breaks fails alone and the others complete.
