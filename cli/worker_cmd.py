@@ -7,6 +7,7 @@ import os
 import sys
 
 import click
+from nightshift.worker.processes import PROCESSES_ENV
 
 
 @click.command("worker")
@@ -31,23 +32,33 @@ import click
               "(it is likely what kills the worker).")
 @click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
               help="Prefill a prompt prefix that requests share (a job's system prompt) once.")
+@click.option("--processes", default="auto", show_default=True, envvar=PROCESSES_ENV,
+              callback=lambda _ctx, _param, value: _processes(value),
+              help="Worker processes on this machine, each with its own copy of the model: "
+              "auto is one per core on a CPU (MLX runs on one core outside BLAS) and one "
+              "on Metal or CUDA.")
 @click.option("--verbose", "-v", is_flag=True, help="Log debug detail.")
 def worker_cmd(model, drain, batch_size, dtype, max_context, force, grace, trust_remote_code,
-               max_attempts, prefix_cache, verbose):
+               max_attempts, prefix_cache, processes, verbose):
     """Load a model once, keep it warm, and run queued requests with continuous batching.
 
     \b
     nightshift worker                   # serve every job, until Ctrl-C
     nightshift worker --drain           # exit when the queue is empty
     nightshift worker --model smollm2   # serve only this model
+    nightshift worker --processes 1     # one process (on a CPU, auto runs one per core)
     """
     from nightshift.worker import blas
+    from nightshift.worker import processes as supervised
 
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format=f"%(asctime)s {supervised.log_prefix()}%(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("huey").setLevel(logging.INFO if verbose else logging.WARNING)
+    if processes > 1:
+        raise SystemExit(supervised.Supervisor(sys.orig_argv[1:], processes).run())
     # Before MLX loads: on Linux CPU, restart with an optimised BLAS preloaded.
     blas.ensure_fast_blas()
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("huey").setLevel(logging.INFO if verbose else logging.WARNING)
 
     from nightshift.jobs.store import Store
     from nightshift.worker import registry
@@ -55,6 +66,7 @@ def worker_cmd(model, drain, batch_size, dtype, max_context, force, grace, trust
     from nightshift.worker.service import Worker, WorkerOptions
 
     options = WorkerOptions(
+        on_ready=supervised.notify_ready,
         # Jobs store a model folder as an absolute path (registry.reference): match so.
         serves=(registry.reference(model) or model) if model else None,
         drain=drain, grace_seconds=grace, prefix_cache=prefix_cache, max_attempts=max_attempts,
@@ -72,3 +84,15 @@ def worker_cmd(model, drain, batch_size, dtype, max_context, force, grace, trust
         sys.stderr.flush()
         os._exit(code)
     raise SystemExit(code)
+
+
+def _processes(value: str) -> int:
+    from nightshift.worker import processes
+
+    try:
+        count = processes.resolve(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise click.BadParameter(f"{value!r}: give a number of processes (1 or more) or auto")
+    return count

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from nightshift.jobs import settings
+from nightshift.worker.processes import PROCESSES_ENV
 
 
 @pytest.fixture(autouse=True)
@@ -18,6 +19,9 @@ def home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv(settings.HOME_ENV, str(path))
     for name in (settings.DATABASE_URL_ENV, settings.QUEUE_URL_ENV, settings.MODEL_ENV):
         monkeypatch.delenv(name, raising=False)
+    # Tests watch one worker process (its pid, its signals); tests/test_processes.py
+    # runs several.
+    monkeypatch.setenv(PROCESSES_ENV, "1")
     return path
 
 

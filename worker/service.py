@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from huey.consumer import Consumer, ConsumerStopped
@@ -57,6 +58,7 @@ class WorkerOptions:
     # A request whose worker died this many times while running it is failed.
     max_attempts: int = settings.DEFAULT_MAX_ATTEMPTS
     load: loader.LoadOptions | None = None
+    on_ready: Callable[[], None] | None = None  # called once the worker takes work
 
 
 def _end_mlx_thread() -> None:
@@ -155,6 +157,8 @@ class Worker:
                  "workers; %d queue tasks for waiting work", self.id,
                  self.loaded.describe() if self.loaded else "no model", recovered.requeued,
                  queued)
+        if self.options.on_ready is not None:
+            self.options.on_ready()
         self._consume()
         while engine_thread.is_alive():  # a second SIGINT still stops it at once
             engine_thread.join(0.1)
@@ -341,8 +345,12 @@ class Worker:
                     self._lost_waiting = self.store.has_lost(self.loaded.name)
                 last_sweep = now
                 if self.options.drain and not self._has_work():
-                    self._drain_done()
-                    return
+                    # Requests held by a worker that died are not runnable until
+                    # someone takes them back: look once more after doing so.
+                    self._recover()
+                    if not self._has_work():
+                        self._drain_done()
+                        return
             if self._next_model_switch():
                 continue
             with self.schedule.changed:

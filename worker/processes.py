@@ -1,0 +1,215 @@
+"""Several worker processes on one machine under one command: ``worker --processes N``.
+
+Outside BLAS, MLX runs on one core. On a CPU, N worker processes with one BLAS thread
+each decode about 1.66 times what one process does with two threads (ENGINE-NOTES);
+the database already makes several workers on one queue safe (each request is
+claimed by one, and the requests of one that dies are taken back). On Metal or CUDA
+one process owns the device, so ``auto`` means one there.
+
+The supervisor here never imports MLX. It starts the processes one at a time, each
+once the previous one is ready: a model's memory check then sees the copies already
+loaded, and the first run's batch-size measurement (worker/batch_size.py) runs alone
+instead of seeing the others as contention. It passes SIGINT and SIGTERM on to every
+process once (they run in their own process groups, so a Ctrl-C on the terminal
+reaches them only through it), and starts again a process that a signal killed (an
+out-of-memory kill, a request that crashes MLX) while the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from nightshift.worker import blas
+
+log = logging.getLogger("nightshift.processes")
+PROCESSES_ENV = "NIGHTSHIFT_WORKER_PROCESSES"
+READY_FD_ENV = "NIGHTSHIFT_WORKER_READY_FD"  # a child writes here once it is ready
+INDEX_ENV = "NIGHTSHIFT_WORKER_PROCESS"  # "2/4": which of the supervisor's processes
+POLL_SECONDS = 0.2
+# A process killed within this long of being ready again and again (a crash at every
+# start) is restarted after a growing pause, up to MAX_RESTART_PAUSE seconds.
+QUICK_DEATH_SECONDS = 30.0
+MAX_RESTART_PAUSE = 60.0
+
+
+def auto_processes() -> int:
+    """One process per physical core on a CPU; one on Metal or CUDA."""
+    return blas.cpu_threads() if blas.mlx_backend() == "cpu" else 1
+
+
+def resolve(value: str) -> int:
+    """``--processes`` as a number (``auto`` resolved)."""
+    if value == "auto":
+        return auto_processes()
+    return int(value)
+
+
+def child_argv(argv: list[str]) -> list[str]:
+    """This command again, as one process of the supervisor's (a later option wins)."""
+    return [sys.executable, *argv, "--processes", "1"]
+
+
+def notify_ready() -> None:
+    """In a supervised process: tell the supervisor this worker is ready (once)."""
+    fd = os.environ.pop(READY_FD_ENV, None)
+    if fd is None:
+        return
+    try:
+        os.write(int(fd), b"1")
+        os.close(int(fd))
+    except OSError:  # the supervisor went away; the process's own stop decides
+        log.warning("could not tell the supervisor this worker is ready")
+
+
+def log_prefix() -> str:
+    """"[2/4] " in a supervised process, so interleaved logs tell the processes apart."""
+    index = os.environ.get(INDEX_ENV)
+    return f"[{index}] " if index else ""
+
+
+@dataclass
+class Child:
+    index: int
+    process: subprocess.Popen
+    ready_pipe: int | None  # read end, until the child says it is ready (or dies)
+    ready_at: float | None = None
+
+
+class Supervisor:
+    """Runs ``count`` copies of a worker command (see the module docstring).
+
+    Args:
+        argv: the interpreter's arguments that ran this command (``sys.orig_argv[1:]``).
+        count: processes to run.
+    """
+
+    def __init__(self, argv: list[str], count: int):
+        self.argv = argv
+        self.count = count
+        self.children: dict[int, Child] = {}
+        self.signals: list[int] = []  # received, not yet passed on
+        self.stopping = False
+        self.codes: dict[int, int] = {}  # last exit status of each process index
+        self.restart_at: dict[int, float] = {}  # index -> monotonic time to start again
+        self.quick_deaths: dict[int, int] = {}  # index -> killed soon after ready, in a row
+        self._die_with_parent = _parent_death_signal()
+
+    def run(self) -> int:
+        """Run until every process has ended; the exit code (0 if all ended with 0)."""
+        previous = {s: signal.signal(s, self._note) for s in (signal.SIGINT, signal.SIGTERM)}
+        threads = max(1, blas.cpu_threads() // self.count)
+        log.info("starting %d worker processes, one at a time, %d BLAS thread%s each",
+                 self.count, threads, "" if threads == 1 else "s")
+        try:
+            waiting = list(range(1, self.count + 1))  # started in order, each once ready
+            while waiting or self.children or self.restart_at:
+                self._pass_signals()
+                if waiting and not self.stopping and not self._loading():
+                    self._start(waiting.pop(0), threads)
+                self._start_due_restarts(threads)
+                self._watch()
+                if self.stopping:
+                    waiting.clear()
+                    self.restart_at.clear()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        failed = {i: c for i, c in self.codes.items() if c != 0}
+        if failed:
+            log.error("worker processes ended with errors: %s",
+                      ", ".join(f"{i}: exit {c}" for i, c in sorted(failed.items())))
+        return next(iter(failed.values()), 0)
+
+    def _note(self, signum, _frame) -> None:
+        self.signals.append(signum)
+
+    def _pass_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.pop(0)
+            self.stopping = True
+            for child in self.children.values():
+                try:
+                    child.process.send_signal(signum)
+                except ProcessLookupError:
+                    pass
+
+    def _loading(self) -> bool:
+        return any(c.ready_pipe is not None for c in self.children.values())
+
+    def _start(self, index: int, threads: int) -> None:
+        read_end, write_end = os.pipe()
+        env = dict(os.environ, **{
+            READY_FD_ENV: str(write_end),
+            INDEX_ENV: f"{index}/{self.count}", blas.OPENBLAS_THREADS_ENV: str(threads),
+        })
+        process = subprocess.Popen(child_argv(self.argv), env=env, pass_fds=(write_end,),
+                                   start_new_session=True, preexec_fn=self._die_with_parent)
+        os.close(write_end)
+        self.children[index] = Child(index, process, read_end)
+        log.info("worker process %d/%d started (pid %d)", index, self.count, process.pid)
+
+    def _start_due_restarts(self, threads: int) -> None:
+        now = time.monotonic()
+        for index, when in list(self.restart_at.items()):
+            if when <= now and not self._loading():
+                del self.restart_at[index]
+                self._start(index, threads)
+
+    def _watch(self) -> None:
+        """Wait a moment for readiness or exits; deal with what happened."""
+        pipes = [c.ready_pipe for c in self.children.values() if c.ready_pipe is not None]
+        if pipes:
+            readable, _, _ = select.select(pipes, [], [], POLL_SECONDS)
+        else:
+            readable = []
+            time.sleep(POLL_SECONDS)
+        for child in list(self.children.values()):
+            if child.ready_pipe is not None and child.ready_pipe in readable:
+                said = os.read(child.ready_pipe, 1)
+                os.close(child.ready_pipe)
+                child.ready_pipe = None
+                if said:
+                    child.ready_at = time.monotonic()
+            code = child.process.poll()
+            if code is not None:
+                self._ended(child, code)
+
+    def _ended(self, child: Child, code: int) -> None:
+        del self.children[child.index]
+        if child.ready_pipe is not None:
+            os.close(child.ready_pipe)
+        self.codes[child.index] = code
+        if code >= 0 or self.stopping or child.ready_at is None:
+            # Its own decision (drained, stopped, an error it reported), or it never
+            # became ready (a model that cannot load would fail again).
+            if code != 0:
+                log.warning("worker process %d/%d exited with status %d", child.index,
+                            self.count, code)
+            return
+        quick = time.monotonic() - child.ready_at < QUICK_DEATH_SECONDS
+        deaths = self.quick_deaths.get(child.index, 0) + 1 if quick else 0
+        self.quick_deaths[child.index] = deaths
+        pause = min(MAX_RESTART_PAUSE, 2.0 ** deaths) if deaths else 1.0
+        log.warning("worker process %d/%d was killed by %s; its requests go back to the "
+                    "queue, and it starts again in %.0f s", child.index, self.count,
+                    signal.Signals(-code).name, pause)
+        self.restart_at[child.index] = time.monotonic() + pause
+
+
+def _parent_death_signal():
+    """A function for a child to run before exec: on Linux, it then gets SIGTERM (puts
+    its requests back and stops) if the supervisor dies; elsewhere None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    return lambda: libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
