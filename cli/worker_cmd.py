@@ -66,7 +66,7 @@ def worker_cmd(model, drain, batch_size, dtype, max_context, force, grace, trust
     from nightshift.worker.service import Worker, WorkerOptions
 
     options = WorkerOptions(
-        on_ready=supervised.notify_ready,
+        on_ready=supervised.notify_ready, may_claim=supervised.GoAhead(),
         # Jobs store a model folder as an absolute path (registry.reference): match so.
         serves=(registry.reference(model) or model) if model else None,
         drain=drain, grace_seconds=grace, prefix_cache=prefix_cache, max_attempts=max_attempts,

@@ -40,6 +40,7 @@ from nightshift.jobs.vocabulary import (
 from sqlalchemy import (
     Connection,
     Engine,
+    and_,
     case,
     create_engine,
     event,
@@ -561,6 +562,30 @@ class Store(Reads):
             query = query.where(jobs.c.model == model)
         with self.read() as conn:
             return conn.execute(query).first() is not None
+
+    @_retrying
+    def fair_share(self, model: str) -> int:
+        """How many requests of ``model`` one worker serving it should hold at most now:
+        the model's outstanding work (queued and may start now, or running) over the
+        live workers that have it loaded, rounded up (at least 1).
+
+        A worker that fills its whole batch from a small job leaves the others idle;
+        holding no more than a fair share spreads a job over every worker (the
+        processes of ``worker --processes``, say), and a large job still fills each
+        worker's batch.
+        """
+        runnable = and_(*_runnable_where(time.time()), jobs.c.model == model)
+        running = jobs.c[count_column(RUNNING)]
+        with self.read() as conn:
+            outstanding = conn.execute(select(func.coalesce(func.sum(
+                case((runnable, _queued_count()), else_=0) + running), 0))
+                .where(jobs.c.model == model)).scalar()
+            now = literal_column(db_now_sql(conn.dialect.name))
+            serving = conn.execute(select(func.count()).select_from(workers).where(
+                workers.c.model == model, workers.c.stopped_at.is_(None),
+                workers.c.state.in_([WorkerState.IDLE, WorkerState.RUNNING]),
+                workers.c.heartbeat_at >= now - settings.HEARTBEAT_STALE_SECONDS)).scalar()
+        return max(1, -(-int(outstanding) // max(1, serving)))
 
     # -- workers -----------------------------------------------------------------
 

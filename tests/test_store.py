@@ -372,3 +372,24 @@ def test_host_ids_tell_containers_and_boots_apart(monkeypatch):
     monkeypatch.undo()
     hosts.host_id.cache_clear()
     assert hosts.host_id() == here and here.startswith(__import__("socket").gethostname())
+
+
+def test_a_workers_fair_share_is_the_models_outstanding_work_over_its_live_workers(store):
+    job_id, _ = make_job(store, 9)
+    make_job(store, 5, model="other")
+    make_job(store, 4, not_before=time.time() + 3600)  # held for later: not outstanding
+    assert store.fair_share("m") == 9  # nobody serves it yet: one worker takes it all
+    for n, worker in enumerate(("w1", "w2", "w3", "w4")):
+        store.register_worker(worker, "this-host", 100 + n, None)
+    store.update_worker("w1", model="m", state="running")
+    store.update_worker("w2", model="m", state="idle")
+    store.update_worker("w3", model="m", state="loading")  # not serving yet
+    store.update_worker("w4", model="other", state="idle")
+    assert store.fair_share("m") == 5  # 9 over 2, rounded up
+    store.claim(store.chunks(job_id)[0], "w1", 5)
+    assert store.fair_share("m") == 5  # running requests are still outstanding
+    store.update_worker("w3", state="idle")
+    assert store.fair_share("m") == 3
+    store.update_worker("w2", state="stopped", stopped_at=time.time())
+    assert store.fair_share("m") == 5
+    assert store.fair_share("nothing") == 1  # never 0: a worker may always take one

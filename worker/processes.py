@@ -9,9 +9,10 @@ one process owns the device, so ``auto`` means one there.
 The supervisor here never imports MLX. It starts the processes one at a time, each
 once the previous one is ready: a model's memory check then sees the copies already
 loaded, and the first run's batch-size measurement (worker/batch_size.py) runs alone
-instead of seeing the others as contention. It passes SIGINT and SIGTERM on to every
-process once (they run in their own process groups, so a Ctrl-C on the terminal
-reaches them only through it), and starts again a process that a signal killed (an
+instead of seeing the others as contention; they claim work once all have loaded,
+each up to a fair share (``GoAhead``, ``Store.fair_share``). It passes SIGINT and
+SIGTERM on to every process once (they run in their own process groups, so a Ctrl-C
+on the terminal reaches them only through it), and starts again a process that a signal killed (an
 out-of-memory kill, a request that crashes MLX) while the others go on.
 """
 
@@ -31,6 +32,7 @@ from nightshift.worker import blas
 log = logging.getLogger("nightshift.processes")
 PROCESSES_ENV = "NIGHTSHIFT_WORKER_PROCESSES"
 READY_FD_ENV = "NIGHTSHIFT_WORKER_READY_FD"  # a child writes here once it is ready
+GO_FD_ENV = "NIGHTSHIFT_WORKER_GO_FD"  # ...and claims work once the supervisor writes here
 INDEX_ENV = "NIGHTSHIFT_WORKER_PROCESS"  # "2/4": which of the supervisor's processes
 POLL_SECONDS = 0.2
 # A process killed within this long of being ready again and again (a crash at every
@@ -68,6 +70,29 @@ def notify_ready() -> None:
         log.warning("could not tell the supervisor this worker is ready")
 
 
+class GoAhead:
+    """In a supervised process: whether it may claim work yet (``WorkerOptions.may_claim``).
+
+    The supervisor says go once every process has loaded, so the first one ready does
+    not take a whole small job before the others can share it (they hold a fair share
+    each: ``Store.fair_share``). Unsupervised, or if the supervisor is gone: always.
+    """
+
+    def __init__(self):
+        fd = os.environ.pop(GO_FD_ENV, None)
+        self.fd = int(fd) if fd is not None else None
+
+    def __call__(self) -> bool:
+        if self.fd is None:
+            return True
+        readable, _, _ = select.select([self.fd], [], [], 0)
+        if readable:
+            os.read(self.fd, 1)  # the byte, or end of file: either way, go
+            os.close(self.fd)
+            self.fd = None
+        return self.fd is None
+
+
 def log_prefix() -> str:
     """"[2/4] " in a supervised process, so interleaved logs tell the processes apart."""
     index = os.environ.get(INDEX_ENV)
@@ -79,6 +104,7 @@ class Child:
     index: int
     process: subprocess.Popen
     ready_pipe: int | None  # read end, until the child says it is ready (or dies)
+    go_pipe: int | None  # write end, until the supervisor says go
     ready_at: float | None = None
 
 
@@ -113,6 +139,8 @@ class Supervisor:
                 self._pass_signals()
                 if waiting and not self.stopping and not self._loading():
                     self._start(waiting.pop(0), threads)
+                if not waiting and not self._loading():
+                    self._say_go()  # every first start has ended loading (or failed)
                 self._start_due_restarts(threads)
                 self._watch()
                 if self.stopping:
@@ -143,16 +171,26 @@ class Supervisor:
     def _loading(self) -> bool:
         return any(c.ready_pipe is not None for c in self.children.values())
 
+    def _say_go(self) -> None:
+        for child in self.children.values():
+            if child.go_pipe is not None and child.ready_at is not None:
+                os.write(child.go_pipe, b"1")
+                os.close(child.go_pipe)
+                child.go_pipe = None
+
     def _start(self, index: int, threads: int) -> None:
-        read_end, write_end = os.pipe()
+        ready_read, ready_write = os.pipe()
+        go_read, go_write = os.pipe()
         env = dict(os.environ, **{
-            READY_FD_ENV: str(write_end),
+            READY_FD_ENV: str(ready_write), GO_FD_ENV: str(go_read),
             INDEX_ENV: f"{index}/{self.count}", blas.OPENBLAS_THREADS_ENV: str(threads),
         })
-        process = subprocess.Popen(child_argv(self.argv), env=env, pass_fds=(write_end,),
-                                   start_new_session=True, preexec_fn=self._die_with_parent)
-        os.close(write_end)
-        self.children[index] = Child(index, process, read_end)
+        process = subprocess.Popen(child_argv(self.argv), env=env,
+                                   pass_fds=(ready_write, go_read), start_new_session=True,
+                                   preexec_fn=self._die_with_parent)
+        os.close(ready_write)
+        os.close(go_read)
+        self.children[index] = Child(index, process, ready_read, go_write)
         log.info("worker process %d/%d started (pid %d)", index, self.count, process.pid)
 
     def _start_due_restarts(self, threads: int) -> None:
@@ -183,8 +221,9 @@ class Supervisor:
 
     def _ended(self, child: Child, code: int) -> None:
         del self.children[child.index]
-        if child.ready_pipe is not None:
-            os.close(child.ready_pipe)
+        for fd in (child.ready_pipe, child.go_pipe):
+            if fd is not None:
+                os.close(fd)
         self.codes[child.index] = code
         if code >= 0 or self.stopping or child.ready_at is None:
             # Its own decision (drained, stopped, an error it reported), or it never

@@ -58,7 +58,9 @@ class WorkerOptions:
     # A request whose worker died this many times while running it is failed.
     max_attempts: int = settings.DEFAULT_MAX_ATTEMPTS
     load: loader.LoadOptions | None = None
-    on_ready: Callable[[], None] | None = None  # called once the worker takes work
+    on_ready: Callable[[], None] | None = None  # called once the worker is ready
+    # False holds claims back (worker --processes: until the others have loaded too).
+    may_claim: Callable[[], bool] | None = None
 
 
 def _end_mlx_thread() -> None:
@@ -370,6 +372,8 @@ class Worker:
         Requests lost with a dead worker go first, apart: the batch drains, then they
         run alone or in small groups (``Store.claim_lost``), then healthy work resumes.
         """
+        if self.options.may_claim is not None and not self.options.may_claim():
+            return
         if self._lost_waiting:
             if self.engine.busy or self.engine.suspects:
                 return
@@ -381,11 +385,17 @@ class Worker:
                 self._store(self.engine.add(lost, isolated=True))
                 return
             self._lost_waiting = False
+        share = None
         while (room := self.engine.free_slots()) > 0:
             chunk = self.schedule.best_for(self.loaded.name)
             if chunk is None:
                 return
-            claimed = self.store.claim(chunk, self.id, room)
+            if share is None:  # never more than this worker's share of what waits
+                share = self.store.fair_share(self.loaded.name) - len(self.engine.live)
+            if share <= 0:
+                return
+            claimed = self.store.claim(chunk, self.id, min(room, share))
+            share -= len(claimed)
             if not claimed:
                 self.schedule.drop(chunk)
                 continue
