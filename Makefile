@@ -33,7 +33,20 @@ test: $(BIN)/nightshift
 test-fast: $(BIN)/nightshift
 	$(BIN)/python -m pytest -q -m "not slow"
 
-bench: setup
+# What part E of the benchmark (llama.cpp) needs, for `make bench` only (not setup, not
+# the tests): llama-cpp-python has no wheel on PyPI, so pip compiles llama.cpp here, once
+# (several minutes on 2 cores). Native code for this
+# CPU, but without the AMX kernels: on this 2-core Firecracker VM, whose CPU reports AMX,
+# they die at the first matmul (general protection fault in ldtilecfg). The multimodal
+# library (llava) is not needed. No pip cache: a wheel cached from a build with other
+# flags would be reused.
+NO_AMX := $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
+$(VENV)/.bench-deps: pyproject.toml | $(BIN)/nightshift
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" \
+		$(BIN)/python -m pip install --no-cache-dir -e '.[bench]'
+	touch $@
+
+bench: setup $(VENV)/.bench-deps
 	$(BIN)/python benchmarks/bench.py
 
 bench-quick: setup

@@ -1,12 +1,14 @@
 """nightshift's benchmark: the same prompts, model and settings, several ways, side by side.
 
     python benchmarks/bench.py [--quick] [--json-out FILE] [--keep] [--mlx-defaults]
-                               [--wait-quiet SECONDS] [--blas-threads N] [--skip A,D,ingest]
+                               [--wait-quiet SECONDS] [--blas-threads N]
+                               [--skip A,D,E,roofline,ingest]
 
 Full run: 64 chat prompts of varied length (generated here, deterministically), 64 new
 tokens each, greedy, on the default model (smollm2), in about 8 minutes on 2 CPU cores.
-``--quick`` (what tests/test_bench.py runs, about 2 minutes): 16 shorter prompts, 16
-tokens, batch 8, 8 questions behind a 500-token prefix, a 100,000-line ingest.
+``--quick`` (what tests/test_bench.py runs, with ``--skip E``, about 2 minutes): 16
+shorter prompts, 16 tokens, batch 8, 8 questions behind a 500-token prefix, a
+100,000-line ingest.
 
 A. the seed's way: mlx-lm ``stream_generate`` one prompt after another, as mlx-lm does
    out of the box on Linux: a plain process (no OpenBLAS preloaded), weights as loaded
@@ -19,27 +21,45 @@ B. mlx-lm's own ``batch_generate`` on every prompt at once, loaded as the worker
    settings.
 C. nightshift end to end: ``nightshift submit``, then a real ``nightshift worker --drain``
    process; figures read back from the database it wrote (requests and workers tables).
+E. llama.cpp one prompt after another: ``llama-cpp-python`` (the ``bench`` extra; ``make
+   bench`` installs it) on the very GGUF file the default model was pulled from, the
+   same prompt tokens as A-C (handed over as tokens, so the chat template and the count
+   are the same; llama.cpp's own tokenizer is checked against them), the same max tokens
+   and end-of-sequence tokens, greedy, as many threads as the worker gives OpenBLAS (the
+   cores, or ``--blas-threads``). As for any user, llama-cpp-python reuses the KV cache
+   of what a prompt shares with the one before (the chat template's system line).
+   Skipped, with the reason, where llama_cpp does not import. Its answers are compared
+   with C's (informational: the weights are the same, but the two compute them in
+   different precisions).
 D. the same questions (the first 24, without their context sentences) behind one shared
    ~1000-token system prompt, through the worker with ``--prefix-cache`` and
    ``--no-prefix-cache``: prompt tokens computed, wall time, identical greedy answers.
+Roofline: OpenBLAS fp32 GFLOP/s at the model's matmul shapes (``[64 x in] @ [in x out]``
+   for each distinct weight matrix, in a child process loaded as the worker loads), the
+   model's FLOPs a token (2 x the parameters of its weight matrices, the embedding once
+   more as the output head where the two are tied; read from the model's files), and so
+   the seconds C's prompt + generated tokens would take if every matmul ran at those
+   rates and nothing else took time. C's share of it: roofline seconds / C's seconds.
 Ingest: a 1,000,000-line file through ``nightshift submit`` (lines/s, peak memory), then
    ``nightshift status JOB`` and ``nightshift export JOB`` (time, peak memory).
 
 Everything runs in a fresh temporary ``NIGHTSHIFT_HOME`` with the default model pulled
-into it (offline), so nothing of the user's data is read or touched. A and B run in child
-processes of this script (``--phase``), C and D through the ``nightshift`` command line,
-each in its own process, so every figure includes what a user would pay.
+into it (offline), so nothing of the user's data is read or touched. A, B, E and the
+roofline run in child processes of this script (``--phase``), C and D through the
+``nightshift`` command line, each in its own process, so every figure includes what a
+user would pay.
 
 Definitions (the same for every column):
 - generated tok/s: generated tokens (an end-of-sequence token counts: it was computed)
-  over the serving window: A the sum of per-prompt wall times, B the ``batch_generate``
-  call, C and D the first request's start to the last one's finish in the database.
-  Process wall time (model load and warm-up included) is shown beside it.
-- prompt tok/s: A and B as mlx-lm counts it (prompt tokens / time in prefill); C the
-  mean of the per-request figure ``nightshift status`` shows (prefilled tokens over the
-  time from a request's admission to its first token, so it includes waiting in line).
-- TTFT: A from the start of each call; B from the ``batch_generate`` call (every prompt
-  is inserted at once); C from the moment the worker admitted the request (what
+  over the serving window: A and E the sum of per-prompt wall times, B the
+  ``batch_generate`` call, C and D the first request's start to the last one's finish in
+  the database. Process wall time (model load and warm-up included) is shown beside it.
+- prompt tok/s: A and B as mlx-lm counts it (prompt tokens / time in prefill); E prompt
+  tokens / time to the first token; C the mean of the per-request figure ``nightshift
+  status`` shows (prefilled tokens over the time from a request's admission to its first
+  token, so it includes waiting in line).
+- TTFT: A and E from the start of each call; B from the ``batch_generate`` call (every
+  prompt is inserted at once); C from the moment the worker admitted the request (what
   ``nightshift status`` shows) and, comparable with B, from the job's first admission.
 - peak memory: each child process's own high-water RSS, and MLX's (or the worker's) peak.
 - occupancy: sequences decoded / (decode steps x batch size), from the workers table.
@@ -98,7 +118,17 @@ TARGETS = {
     "c_over_a": 10.0, "c_over_b": 0.9, "occupancy": 0.85, "d_prefill_ratio": 10.0,
     "d_wall_ratio": 3.0, "ingest_lines_per_s": 50_000, "ingest_peak_mb": 300,
     "status_s": 0.3,
+    # Issue 10: C's generated tok/s over llama.cpp's, each over its whole process; and
+    # the roofline's seconds for C's tokens over C's serving seconds.
+    "c_over_e_process": 2.0, "roofline_share": 0.40,
 }
+# The roofline's matmuls: [ROOFLINE_BATCH x in] @ [in x out]; 64 is the batch size the
+# worker measures for the default model on a 2-core CPU (issue 10). Each timed call chains
+# enough matmuls for about ROOFLINE_CALL_FLOPS, so MLX's per-call overhead does not hide
+# the small shapes' rate; the best of ROOFLINE_REPEATS calls counts, after one warm-up.
+ROOFLINE_BATCH = 64
+ROOFLINE_CALL_FLOPS = 2e9
+ROOFLINE_REPEATS = 5
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -200,10 +230,11 @@ def write_ingest_file(path: Path, lines: int, seed: int = 7) -> int:
     return path.stat().st_size
 
 
-def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
-    """Prompt tokens the way the worker makes them (worker/engine.py ``Engine.encode``)."""
+def encode_chat(tokenizer, messages: list[dict]) -> tuple[str, list[int]]:
+    """Prompt text and tokens the way the worker makes them (worker/engine.py
+    ``Engine.encode``)."""
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer.encode(text, add_special_tokens=False)
+    return text, tokenizer.encode(text, add_special_tokens=False)
 
 
 # ----------------------------------------------------------------------------- processes
@@ -319,8 +350,8 @@ def plain_env(home: Path) -> dict:
     return env
 
 
-# ----------------------------------------------------------------------------- A and B
-# These run in child processes: `bench.py --phase A|B --data FILE --out FILE`.
+# ----------------------------------------------------------------------------- child phases
+# These run in child processes: `bench.py --phase A|B|E|roofline --data FILE --out FILE`.
 
 
 def _mlx_peak() -> int:
@@ -422,6 +453,77 @@ def phase_b(data: dict) -> dict:
     return out
 
 
+def phase_e(data: dict) -> dict:
+    """llama.cpp one prompt after another, greedy, on the GGUF file; ``{"skipped": why}``
+    where llama_cpp does not import."""
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        return {"skipped": f"llama_cpp does not import ({exc}): `pip install -e '.[bench]'` "
+                "(`make bench` does)"}
+    from nightshift.worker.blas import OPENBLAS_THREADS_ENV, cpu_threads
+
+    # As many threads as the worker gives OpenBLAS: the cores, or --blas-threads.
+    threads = int(os.environ.get(OPENBLAS_THREADS_ENV) or cpu_threads())
+    start = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=data["gguf"], n_ctx=data["n_ctx"], n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    load_s = time.perf_counter() - start
+    # Handed the worker's tokens, llama.cpp sees what C sees; its own tokenizer on the
+    # templated text should agree (no BOS: the chat template has none, and neither does C).
+    same_tokens = sum(llm.tokenize(text.encode(), add_bos=False, special=True) == tokens
+                      for text, tokens in zip(data["texts"], data["prompts"]))
+    greedy = {"temp": 0.0, "top_k": 1, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0}
+    eos = set(data["eos_token_ids"])
+
+    def answer(tokens: list[int], max_tokens: int) -> tuple[list[int], float]:
+        """The tokens up to an end-of-sequence token or ``max_tokens``, and when the first
+        one came."""
+        out: list[int] = []
+        first = 0.0
+        for token in llm.generate(tokens, **greedy):
+            first = first or time.perf_counter()
+            out.append(token)
+            if token in eos or len(out) >= max_tokens:
+                break
+        return out, first
+
+    answer(llm.tokenize(b"Hello", add_bos=False), 2)  # one short call first, as in A
+    rows = []
+    for tokens in data["prompts"]:
+        t0 = time.perf_counter()
+        out, first = answer(tokens, data["max_tokens"])
+        rows.append({"wall_s": time.perf_counter() - t0, "ttft_s": first - t0,
+                     "prompt_tokens": len(tokens), "generated": len(out), "tokens": out})
+    return {"load_s": load_s, "threads": threads, "version": llama_cpp.__version__,
+            "same_prompt_tokens": same_tokens, "rows": rows}
+
+
+def phase_roofline(data: dict) -> dict:
+    """OpenBLAS fp32 GFLOP/s of ``[batch x in] @ [in x out]`` for each ``(in, out)`` in
+    ``data["shapes"]``, run as the worker runs them (this process has OpenBLAS preloaded)."""
+    import mlx.core as mx
+    from nightshift.worker.blas import openblas_loaded
+
+    batch = data["batch"]
+    rates = []
+    for inputs, outputs in data["shapes"]:
+        x = mx.random.normal((batch, inputs), dtype=mx.float32)
+        w = mx.random.normal((inputs, outputs), dtype=mx.float32)
+        mx.eval(x, w)
+        flops = 2 * batch * inputs * outputs
+        chain = max(1, round(ROOFLINE_CALL_FLOPS / flops))
+        best = float("inf")
+        for i in range(1 + ROOFLINE_REPEATS):  # the first is the warm-up
+            t0 = time.perf_counter()
+            mx.eval([x @ w for _ in range(chain)])
+            if i:
+                best = min(best, time.perf_counter() - t0)
+        rates.append(chain * flops / best / 1e9)
+    return {"gflops": rates, "openblas": openblas_loaded(),
+            "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS")}
+
+
 def run_phase(name: str) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--phase")
@@ -429,7 +531,7 @@ def run_phase(name: str) -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     data = json.loads(Path(args.data).read_text())
-    out = {"A": phase_a, "B": phase_b}[name](data)
+    out = {"A": phase_a, "B": phase_b, "E": phase_e, "roofline": phase_roofline}[name](data)
     Path(args.out).write_text(json.dumps(out))
 
 
@@ -446,6 +548,56 @@ def pct(values: list[float], q: float) -> float | None:
 
 def ratio(a, b):
     return a / b if a is not None and b else None
+
+
+def one_by_one(rows: list[dict], ran: Ran) -> dict:
+    """Figures of a part that runs its prompts one after another (A, E), from per-prompt
+    rows of ``wall_s``, ``ttft_s``, ``prompt_tokens`` and ``generated``: its serving window
+    is the sum of the calls' wall times."""
+    wall = sum(r["wall_s"] for r in rows)
+    generated = sum(r["generated"] for r in rows)
+    prompt_tokens = sum(r["prompt_tokens"] for r in rows)
+    ttft = [r["ttft_s"] for r in rows]
+    return {"prompts": len(rows), "wall_s": wall, "process_wall_s": ran.wall_s,
+            "generated": generated, "gen_tps": generated / wall,
+            "prompt_tokens": prompt_tokens, "prompt_tps": prompt_tokens / sum(ttft),
+            "ttft_p50": pct(ttft, 0.5), "ttft_p95": pct(ttft, 0.95),
+            "peak_rss": ran.peak_rss, "others_cores": ran.others_share}
+
+
+def matmul_shapes(model_path: str | Path) -> dict[tuple[int, int], int]:
+    """``(in, out)`` of each weight matrix a token goes through -> how many there are,
+    from the model's own files: every 2-D weight but the embedding (a lookup), and the
+    embedding once more as the output head when the model has no ``lm_head`` of its own
+    (tied). Quantized weights count their unpacked values."""
+    from nightshift.worker.model_files import parameter_counts, read_config, tensor_headers
+
+    tensors = tensor_headers(model_path)
+    params = parameter_counts(tensors, read_config(model_path))
+    tied = not any(name.endswith("lm_head.weight") for name in tensors)
+    shapes: dict[tuple[int, int], int] = {}
+    for name, t in tensors.items():
+        if not name.endswith(".weight") or len(t["shape"]) != 2:
+            continue
+        if "embed_tokens" in name and not tied:
+            continue
+        outputs = t["shape"][0]
+        shape = (params[name] // outputs, outputs)
+        shapes[shape] = shapes.get(shape, 0) + 1
+    return shapes
+
+
+def roofline(shapes: dict[tuple[int, int], int], gflops: list[float], tokens: int) -> dict:
+    """What the measured matmul rates allow: seconds a token, and for ``tokens`` tokens."""
+    flops = {shape: 2 * shape[0] * shape[1] * n for shape, n in shapes.items()}
+    per_token_s = sum(flops[shape] / (rate * 1e9) for shape, rate in zip(shapes, gflops))
+    flops_per_token = sum(flops.values())
+    return {"batch": ROOFLINE_BATCH,
+            "shapes": [{"in": k, "out": n, "count": c, "gflops": rate}
+                       for ((k, n), c), rate in zip(shapes.items(), gflops)],
+            "flops_per_token": flops_per_token, "seconds_per_token": per_token_s,
+            "effective_gflops": flops_per_token / per_token_s / 1e9,
+            "tokens": tokens, "seconds": tokens * per_token_s}
 
 
 def job_figures(store, job_id: str) -> dict:
@@ -590,13 +742,15 @@ def main() -> int:
     parser.add_argument("--json-out", type=Path, help="Write every figure here as JSON.")
     parser.add_argument("--keep", action="store_true",
                         help="Keep the temporary NIGHTSHIFT_HOME and logs (path printed).")
-    parser.add_argument("--skip", default="", help="Comma-separated parts to skip: A,D,ingest.")
+    parser.add_argument("--skip", default="",
+                        help="Comma-separated parts to skip: A,D,E,roofline,ingest.")
     parser.add_argument("--mlx-defaults", action="store_true",
                         help="Also run B with mlx-lm's own prefill settings (B0: 8 prompts at a "
                         "time, 2048-token chunks), to see what the worker's schedule changes "
                         "(about 90 s more in the full run).")
     parser.add_argument("--blas-threads", type=int, metavar="N",
-                        help="OPENBLAS_NUM_THREADS for B, C and D [default: the worker's "
+                        help="OPENBLAS_NUM_THREADS for B, C, D and the roofline, and "
+                        "llama.cpp's threads in E [default: the worker's "
                         "choice, the physical cores]. 1 makes B/C comparisons robust on a "
                         "shared machine, where two spinning BLAS threads slow down many "
                         "times over whenever anything else runs.")
@@ -654,15 +808,16 @@ def run(results: dict, sizes: Sizes, skip: set[str], home: Path, work: Path,
     from nightshift.worker.blas import fast_blas_env
 
     env = plain_env(home)
-    check(run_measured(nightshift("models", "pull", MODEL), env, work / "pull"), "models pull")
-    model_path = str(home / "models" / MODEL)
+    pulled = json.loads(check(run_measured(nightshift("models", "pull", MODEL, "--json"), env,
+                                           work / "pull"), "models pull").stdout)
+    model_path = pulled["path"]
 
     from mlx_lm.utils import load_tokenizer  # the tokenizer files only, no weights
     from tokenizers import Tokenizer
 
     tokenizer = load_tokenizer(Path(model_path))
     rows = chat_prompts(sizes.prompts, max_context=sizes.max_context)
-    prompts = [encode_chat(tokenizer, r["messages"]) for r in rows]
+    texts, prompts = zip(*(encode_chat(tokenizer, r["messages"]) for r in rows))
     lengths = [len(p) for p in prompts]
     results["prompts"] = {"count": len(rows), "max_tokens": sizes.max_tokens,
                           "prompt_tokens": sum(lengths), "min_len": min(lengths),
@@ -687,19 +842,8 @@ def run(results: dict, sizes: Sizes, skip: set[str], home: Path, work: Path,
                     f"{sizes.a_prompts} prompts ...")
         ran, a = child_phase("A", home, work, data, a_env)
         a_rows = a.pop("rows")
-        wall = sum(r["wall_s"] for r in a_rows)
-        gen = sum(r["generated"] for r in a_rows)
-        results["A"] = {
-            **a, "prompts": len(a_rows), "subset": a_subset, "wall_s": wall,
-            "process_wall_s": ran.wall_s, "generated": gen, "gen_tps": gen / wall,
-            "prompt_tokens": sum(r["prompt_tokens"] for r in a_rows),
-            "prompt_tps": sum(r["prompt_tokens"] for r in a_rows)
-            / sum(r["ttft_s"] for r in a_rows),
-            "ttft_p50": pct([r["ttft_s"] for r in a_rows], 0.5),
-            "ttft_p95": pct([r["ttft_s"] for r in a_rows], 0.95),
-            "peak_rss": ran.peak_rss, "texts": [r["text"] for r in a_rows],
-            "others_cores": ran.others_share,
-        }
+        results["A"] = {**a, **one_by_one(a_rows, ran), "subset": a_subset,
+                        "texts": [r["text"] for r in a_rows]}
 
     # -- B: mlx-lm batch_generate with the worker's plan ---------------------------------
     blas_env = fast_blas_env(env) or env
@@ -745,7 +889,24 @@ def run(results: dict, sizes: Sizes, skip: set[str], home: Path, work: Path,
     same = sum(c_responses[r["custom_id"]] == t for r, t in zip(rows, b["texts"]))
     results["C"]["same_text_as_B"] = same
     if c["prompt_tokens"] != sum(lengths):
-        say(f"  note: C counted {c['prompt_tokens']} prompt tokens, A/B {sum(lengths)}")
+        say(f"  note: C counted {c['prompt_tokens']} prompt tokens, A/B/E {sum(lengths)}")
+
+    # -- E: llama.cpp one prompt after another, on the GGUF file the model came from ------
+    if "E" not in skip:
+        results["E"] = llama_cpp_part(data, texts, pulled, tokenizer, rows, c_responses,
+                                      home, work, env, clock)
+
+    # -- roofline: the matmul rates the worker's loading gets, at the model's shapes --------
+    if "roofline" not in skip:
+        clock.begin("roofline", f"roofline: OpenBLAS fp32 matmuls at the model's shapes, "
+                    f"batch {ROOFLINE_BATCH} ...")
+        shapes = matmul_shapes(model_path)
+        ran, r = child_phase("roofline", home, work,
+                             {"batch": ROOFLINE_BATCH, "shapes": list(shapes)}, blas_env)
+        results["roofline"] = {**roofline(shapes, r["gflops"], c["prompt_tokens"]
+                                          + c["generated"]),
+                               "openblas": r["openblas"], "blas_threads": r["blas_threads"],
+                               "others_cores": ran.others_share}
 
     # -- D: shared prefix, with and without the prefix cache -------------------------------
     if "D" not in skip:
@@ -786,6 +947,32 @@ def run(results: dict, sizes: Sizes, skip: set[str], home: Path, work: Path,
 
     store.close()
     summarize(results)
+
+
+def llama_cpp_part(data: dict, texts, pulled: dict, tokenizer, rows: list[dict],
+                   c_responses: dict, home: Path, work: Path, env: dict, clock: Clock) -> dict:
+    """E: llama.cpp on the GGUF file ``pulled`` (the registry entry) was made from, in a
+    plain child process; ``{"skipped": why}`` where that cannot run."""
+    source = pulled.get("source") or ""
+    if not source.startswith("gguf:"):
+        return {"skipped": f"{MODEL} was not made from a GGUF file (source {source!r})"}
+    gguf = source.removeprefix("gguf:")
+    eos = sorted(tokenizer.eos_token_ids)
+    clock.begin("E", f"E: llama.cpp (llama-cpp-python) one prompt after another, "
+                f"{len(data['prompts'])} prompts, {Path(gguf).name} ...")
+    longest = max(len(p) for p in data["prompts"])
+    ran, e = child_phase("E", home, work, dict(
+        data, gguf=gguf, texts=list(texts), eos_token_ids=eos,
+        n_ctx=longest + data["max_tokens"]), env)
+    if "skipped" in e:
+        return e
+    e_rows = e.pop("rows")
+
+    def text(tokens: list[int]) -> str:  # as the worker makes a response (Engine._result)
+        return tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in eos else tokens)
+
+    same = sum(c_responses[r["custom_id"]] == text(x["tokens"]) for r, x in zip(rows, e_rows))
+    return {**e, **one_by_one(e_rows, ran), "gguf": gguf, "same_text_as_C": same}
 
 
 def ingest(sizes: Sizes, work: Path, home: Path, c_job: str, clock: Clock) -> dict:
@@ -852,12 +1039,18 @@ def _mb(v):
 
 
 def summarize(res: dict) -> None:
-    a, b, b0, c, d, ing = (res.get(k) for k in ("A", "B", "B0", "C", "D", "ingest"))
+    a, b, b0, c, d, e, roof, ing = (res.get(k) for k in ("A", "B", "B0", "C", "D", "E",
+                                                         "roofline", "ingest"))
+    e_skipped = e and e.get("skipped")
+    if e_skipped:
+        e = None
     say()
     cols = [("A seed: stream_generate", a), ("B mlx-lm batch_generate", b)]
     if b0:
         cols.append(("B0 same, mlx-lm prefill", b0))
     cols.append(("C nightshift end to end", c))
+    if e:
+        cols.append(("E llama.cpp one by one", e))
     width = 25
     head = f"{'':<24}" + "".join(f"{name:>{width}}" for name, _ in cols)
     say(head)
@@ -877,6 +1070,7 @@ def summarize(res: dict) -> None:
     row("serving wall (s)", lambda x: _f(x["wall_s"] if "wall_s" in x else x["window_s"]))
     row("process wall (s)", lambda x: _f(x["process_wall_s"]))
     row("  of which load (s)", lambda x: _f(x.get("load_s")))
+    row("prompt tokens", lambda x: f"{x['prompt_tokens']}")
     row("generated tokens", lambda x: f"{x['generated']}")
     row("generated tok/s", lambda x: _f(x["gen_tps"]))
     row("prompt tok/s", lambda x: _f(x.get("prompt_tps", x.get("prompt_tps_mean")))
@@ -910,12 +1104,41 @@ def summarize(res: dict) -> None:
         say(f"  C: {c['plan']}")
         if c.get("ready_line"):
             say(f"     worker start-up: {c['ready_line']}")
+    if e:
+        say(f"  E: llama-cpp-python {e['version']}, threads: {e['threads']}, {e['gguf']}; "
+            f"llama.cpp's own tokenizer gives the same prompt tokens on "
+            f"{e['same_prompt_tokens']}/{e['prompts']} prompts")
+    elif e_skipped:
+        say(f"  E skipped: {e_skipped}")
     say()
     ratios = res["ratios"] = {
         "c_over_a": ratio(c and c["gen_tps"], a and a["gen_tps"]),
         "c_over_b": ratio(c and c["gen_tps"], b and b["gen_tps"]),
         "occupancy": c and c["occupancy"],
     }
+    if c and e:
+        ratios["c_over_e"] = ratio(c["gen_tps"], e["gen_tps"])
+        ratios["c_over_e_process"] = ratio(c["generated"] / c["process_wall_s"],
+                                           e["generated"] / e["process_wall_s"])
+        say(f"C / E generated tok/s: {ratios['c_over_e']:.2f} serving, "
+            f"{ratios['c_over_e_process']:.2f} whole process (generated tokens / process "
+            f"wall time); E's answers are C's on {e['same_text_as_C']}/{e['prompts']} prompts "
+            "(greedy; informational)")
+    if c and roof:
+        ratios["roofline_share"] = roof["seconds"] / c["window_s"]
+        ratios["roofline_share_process"] = roof["seconds"] / c["process_wall_s"]
+        rates = ", ".join(f"{s['in']}x{s['out']} {s['gflops']:.0f}" + (
+            f" (x{s['count']})" if s["count"] > 1 else "") for s in roof["shapes"])
+        say(f"roofline: OpenBLAS fp32 GFLOP/s of [{roof['batch']} x in] @ [in x out] "
+            f"(OpenBLAS threads: {roof['blas_threads'] or 'default'}, other load "
+            f"{_f(roof['others_cores'], '{:.2f}')} cores): {rates}")
+        say(f"  the model's matmuls: {roof['flops_per_token'] / 1e9:.3f} GFLOP a token, "
+            f"{roof['seconds_per_token'] * 1000:.2f} ms at these rates "
+            f"({roof['effective_gflops']:.0f} GFLOP/s overall); C's {roof['tokens']:,} "
+            f"prompt + generated tokens: {roof['seconds']:.2f} s")
+        say(f"  C's share of the roofline: {ratios['roofline_share']:.0%} of its serving "
+            f"time ({c['window_s']:.1f} s), {ratios['roofline_share_process']:.0%} of its "
+            f"whole process ({c['process_wall_s']:.1f} s)")
     if c:
         say(f"C occupancy: {c['sequences_decoded']} sequences over {c['decode_steps']} decode "
             f"steps x batch {c['batch_size']} = {_f(c['occupancy'], '{:.3f}')}; "
