@@ -268,7 +268,9 @@ def _busy_cpu_s() -> float | None:
 
 
 class _PeakRss(threading.Thread):
-    """Polls a process's own high-water RSS (Linux ``VmHWM``) until told to stop.
+    """Polls the high-water RSS (Linux ``VmHWM``) of a process and of every process under
+    it (``worker --processes N`` runs N workers under a supervisor) until told to stop;
+    ``peak`` is the sum of their peaks.
 
     ``wait4``'s ``ru_maxrss`` will not do: a child inherits the high-water mark of the
     process that started it (this one, with a tokenizer loaded), so every small command
@@ -278,9 +280,13 @@ class _PeakRss(threading.Thread):
 
     def __init__(self, pid: int):
         super().__init__(daemon=True)
-        self.path = Path(f"/proc/{pid}/status")
-        self.peak = 0
+        self.pid = pid
+        self.peaks: dict[int, int] = {}
         self.stop = threading.Event()
+
+    @property
+    def peak(self) -> int:
+        return sum(self.peaks.values())
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -288,12 +294,27 @@ class _PeakRss(threading.Thread):
             self.stop.wait(0.02)
 
     def read(self) -> None:
+        for pid in _process_tree(self.pid):
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        self.peaks[pid] = max(self.peaks.get(pid, 0), int(line.split()[1]) * 1024)
+            except (OSError, ValueError):
+                pass
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux ``/proc/PID/task/TID/children``)."""
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
         try:
-            for line in self.path.read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    self.peak = max(self.peak, int(line.split()[1]) * 1024)
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
         except (OSError, ValueError):
             pass
+    return tree
 
 
 def run_measured(cmd: list[str], env: dict, log: Path, timeout: float = 900) -> Ran:
