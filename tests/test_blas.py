@@ -95,3 +95,19 @@ def test_fast_blas_env_sets_threads_unless_given():
 def test_ensure_fast_blas_disabled_returns():
     blas.ensure_fast_blas(enabled=False)  # would not return if it re-executed
 
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="macOS always has Metal")
+def test_linux_without_a_backend_wheel_is_told_which_extra_to_install(monkeypatch):
+    from importlib import metadata
+
+    from nightshift.jobs.errors import ConfigError
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    assert blas.require_backend() in ("cpu", "cuda")  # this installation has one
+    monkeypatch.setattr(blas.metadata, "distribution", missing)
+    assert blas.mlx_backend() == "none"
+    with pytest.raises(ConfigError, match=r"cpu extra .*cuda extra"):
+        blas.require_backend()

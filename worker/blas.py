@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 
 from nightshift.jobs import settings
+from nightshift.jobs.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +44,39 @@ def openblas_library() -> str | None:
 
 
 def mlx_backend() -> str:
-    """The backend the installed MLX runs on: ``metal``, ``cuda`` or ``cpu``.
+    """The backend the installed MLX runs on: ``metal``, ``cuda``, ``cpu``, or ``none``
+    (Linux with neither backend wheel: ``require_backend`` says what to install).
 
     Read from the installed distributions, without importing mlx (which is slow
     and would be wasted in a process about to re-execute).
     """
     if sys.platform == "darwin":
         return "metal"
-    for name in ("mlx-cuda-13", "mlx-cuda-12", "mlx-cuda"):
-        try:
-            metadata.distribution(name)
-            return "cuda"
-        except metadata.PackageNotFoundError:
-            pass
-    return "cpu"
+    for backend, names in (("cuda", ("mlx-cuda-13", "mlx-cuda-12", "mlx-cuda")),
+                           ("cpu", ("mlx-cpu",))):
+        for name in names:
+            try:
+                metadata.distribution(name)
+                return backend
+            except metadata.PackageNotFoundError:
+                pass
+    return "none"
+
+
+def require_backend() -> str:
+    """The MLX backend, or a ConfigError that says how to install one.
+
+    On Linux the ``mlx`` wheel alone has no backend; nightshift's ``cpu`` extra
+    (``mlx[cpu]`` and OpenBLAS) or ``cuda`` extra (``mlx[cuda13]``) brings one, and
+    ``make setup`` picks between them (cuda where ``nvidia-smi`` finds a GPU).
+    """
+    backend = mlx_backend()
+    if backend == "none":
+        raise ConfigError(
+            "MLX has no backend installed: on Linux install nightshift with the cpu extra "
+            "(pip install -e '.[cpu]') or, on an NVIDIA GPU, the cuda extra "
+            "(pip install -e '.[cuda]'); make setup chooses for you")
+    return backend
 
 
 def openblas_loaded(pid: int | str = "self") -> bool:
