@@ -31,7 +31,7 @@ from nightshift.jobs import settings
 from nightshift.jobs.errors import NightshiftError, ResourceError
 from nightshift.jobs.store import Store, worker_identity
 from nightshift.jobs.vocabulary import Chunk, Recovered, Result, WorkerState
-from nightshift.worker import dispatch, loader
+from nightshift.worker import blas, dispatch, loader
 from nightshift.worker.engine import Engine
 from nightshift.worker.prefix import PrefixCache
 from nightshift.worker.queue import Queue
@@ -77,6 +77,29 @@ def _end_mlx_thread() -> None:
         mx.clear_streams()
     except Exception:  # never let this keep the thread from reporting it finished
         log.exception("could not free this thread's MLX streams")
+
+
+def _check_mlx_compiler() -> None:
+    """Let MLX look for its CPU compiler now, before the worker takes over the signals.
+
+    The first call of any ``mx.compile``d function (mlx-lm's ``swiglu``, in the
+    warm-up) makes MLX's CPU backend run ``system("g++ --version")``, once per process
+    (``JitCompiler::available``). glibc's ``system()`` sets SIGINT to SIG_IGN for the
+    whole process until that command ends (about 10 ms), and the kernel discards a
+    SIGINT sent meanwhile: no handler runs, nothing is left pending, so a Ctrl-C during
+    the model's warm-up was lost about one time in ten (tests/test_signals.py).
+    Called first thing in ``Worker.run``, the check is over before this worker has
+    registered or started loading. SIGTERM is not touched by ``system()``. Metal and
+    CUDA compile without that check, so MLX is left alone there.
+    """
+    if blas.mlx_backend() != "cpu":
+        return
+    try:
+        import mlx.core as mx
+
+        mx.compile(lambda x: x)(mx.array(0))
+    except Exception:  # MLX then runs the check later, as it did before
+        log.debug("could not run MLX's compiler check early", exc_info=True)
 
 
 def _noted_by_wakeup_fd(_signum, _frame) -> None:
@@ -133,6 +156,7 @@ class Worker:
         the model is ready) with ``abandoned_loading`` set: the caller should then end
         the process with ``os._exit``, as the loading thread cannot be joined.
         """
+        _check_mlx_compiler()  # its system() would drop a SIGINT sent while it runs
         self._install_signals()  # before any thread starts: every stop is ours
         self.store.register_worker(self.id, self.host, self.pid, self.options.serves)
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
