@@ -62,7 +62,9 @@ Definitions (the same for every column):
   prompt is inserted at once); C from the moment the worker admitted the request (what
   ``nightshift status`` shows) and, comparable with B, from the job's first admission.
 - peak memory: each child process's own high-water RSS, and MLX's (or the worker's) peak.
-- occupancy: sequences decoded / (decode steps x batch size), from the workers table.
+- occupancy: sequences decoded / (decode steps x slots), from the workers table, summed
+  over the worker's processes; a process's slots are its batch size or, if smaller, its
+  fair share of the job (``Store.fair_share``: 64 prompts on 2 processes, 32 each).
 - other load: CPU the rest of the machine used while a part ran, in cores. On a shared
   2-core machine anything above ~0.1 makes OpenBLAS several times slower, and the part's
   figures with it: rerun, or use ``--wait-quiet``.
@@ -648,13 +650,22 @@ def job_figures(store, job_id: str) -> dict:
     }
 
 
-def worker_row(store, worker_id: str) -> dict:
+def worker_rows(store, worker_ids: list[str], requests: int) -> dict:
+    """The workers that ran a job of `requests` (one per process of `worker --processes`):
+    the first row's settings, its counters summed over all of them, and the occupancy."""
     from nightshift.jobs.schema import workers
     from sqlalchemy import select
 
     with store.read() as conn:
-        w = conn.execute(select(workers).where(workers.c.id == worker_id)).first()
-    return dict(w._mapping)
+        rows = [dict(r._mapping) for r in
+                conn.execute(select(workers).where(workers.c.id.in_(worker_ids)))]
+    w = dict(rows[0], processes=len(rows))
+    for key in ("decode_steps", "sequences_decoded", "prompt_tokens_computed"):
+        w[key] = sum(r[key] or 0 for r in rows)
+    share = -(-requests // len(rows))  # Store.fair_share: what each process may hold
+    slots = sum((r["decode_steps"] or 0) * min(r["batch_size"], share) for r in rows)
+    w["occupancy"] = w["sequences_decoded"] / slots if slots else None
+    return w
 
 
 def run_worker(home: Path, work: Path, name: str, *flags) -> tuple[Ran, dict]:
@@ -893,9 +904,7 @@ def run(results: dict, sizes: Sizes, skip: set[str], home: Path, work: Path,
     ran, c_worker = run_worker(home, work, "worker-c", *batch_flag)
     store = Store(f"sqlite:///{home / 'nightshift.db'}")
     c = job_figures(store, c_job)
-    w = worker_row(store, c["worker_ids"][0])
-    occupancy = (w["sequences_decoded"] / (w["decode_steps"] * w["batch_size"])
-                 if w["decode_steps"] else None)
+    w = worker_rows(store, c["worker_ids"], c["requests"])
     c_responses = c.pop("responses")
     results["C"] = {**c, "job": c_job, "prompts": c["requests"],
                     # The engine's own choice for this batch size: the function B used.
@@ -906,7 +915,7 @@ def run(results: dict, sizes: Sizes, skip: set[str], home: Path, work: Path,
                     "plan": w["compute"], "batch_size": w["batch_size"],
                     "load_s": w["load_seconds"], "warmup_s": w["warmup_seconds"],
                     "decode_steps": w["decode_steps"], "sequences_decoded": w["sequences_decoded"],
-                    "occupancy": occupancy, **c_worker}
+                    "occupancy": w["occupancy"], "processes": w["processes"], **c_worker}
     same = sum(c_responses[r["custom_id"]] == t for r, t in zip(rows, b["texts"]))
     results["C"]["same_text_as_B"] = same
     if c["prompt_tokens"] != sum(lengths):
@@ -947,7 +956,7 @@ def run(results: dict, sizes: Sizes, skip: set[str], home: Path, work: Path,
                             "--max-tokens", sizes.d_max_tokens)
             ran, _ = run_worker(home, work, f"worker-d-{label}", flag, *batch_flag)
             f = job_figures(store, job)
-            wd = worker_row(store, f["worker_ids"][0])
+            wd = worker_rows(store, f["worker_ids"], f["requests"])
             responses[label] = f.pop("responses")
             d[label] = {**f, "job": job, "process_wall_s": ran.wall_s,
                         "peak_rss": ran.peak_rss, "others_cores": ran.others_share,
@@ -1162,7 +1171,8 @@ def summarize(res: dict) -> None:
             f"whole process ({c['process_wall_s']:.1f} s)")
     if c:
         say(f"C occupancy: {c['sequences_decoded']} sequences over {c['decode_steps']} decode "
-            f"steps x batch {c['batch_size']} = {_f(c['occupancy'], '{:.3f}')}; "
+            f"steps ({c['processes']} processes, batch {c['batch_size']}, fair share at most) "
+            f"= {_f(c['occupancy'], '{:.3f}')}; "
             f"same text as B on {c['same_text_as_B']}/{c['done']} prompts")
     if d:
         w, wo = d["with"], d["without"]
