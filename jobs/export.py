@@ -44,6 +44,19 @@ def _timings(row, queued_at: float) -> dict:
     }
 
 
+def completion_logprobs(content: list[dict]) -> dict:
+    """The chat shape of log-probabilities (as stored) in the completions endpoint's."""
+    offsets, at = [], 0
+    for entry in content:
+        offsets.append(at)
+        at += len(entry["token"])
+    return {"tokens": [e["token"] for e in content],
+            "token_logprobs": [e["logprob"] for e in content],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]}
+                             for e in content],
+            "text_offset": offsets}
+
+
 def batch_record(row, job) -> dict:
     """One request as an OpenAI Batch output line (plus the "nightshift" field)."""
     extra = {
@@ -61,18 +74,22 @@ def batch_record(row, job) -> dict:
         record["error"] = {"code": code, "message": message}
         return record
     usage = {"prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens,
-             "total_tokens": (row.prompt_tokens or 0) + (row.completion_tokens or 0)}
+             "total_tokens": (row.prompt_tokens or 0) + (row.completion_tokens or 0),
+             "prompt_tokens_details": {"cached_tokens": row.cached_tokens or 0}}
     created = int(row.finished_at)
+    content = orjson.loads(row.logprobs) if row.logprobs else None
     if row.kind == "completion":
         body = {"id": f"cmpl-{job.id}-{row.seq}", "object": "text_completion",
                 "created": created, "model": job.model,
-                "choices": [{"index": 0, "text": row.response, "logprobs": None,
+                "choices": [{"index": 0, "text": row.response,
+                             "logprobs": content and completion_logprobs(content),
                              "finish_reason": row.finish_reason}], "usage": usage}
     else:
         body = {"id": f"chatcmpl-{job.id}-{row.seq}", "object": "chat.completion",
                 "created": created, "model": job.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": row.response},
-                             "logprobs": None, "finish_reason": row.finish_reason}],
+                             "logprobs": content and {"content": content, "refusal": None},
+                             "finish_reason": row.finish_reason}],
                 "usage": usage}
     record["response"] = {"status_code": 200, "request_id": f"{job.id}-{row.seq}", "body": body}
     return record

@@ -6,9 +6,10 @@ Three line shapes are accepted, each a JSON object on one line:
 * ``{"messages": [{"role": ..., "content": ...}, ...]}`` - a whole chat;
 * an OpenAI Batch API line: ``{"custom_id", "method": "POST", "url", "body"}``.
 
-Plain lines may also carry ``custom_id``, ``metadata``, ``raw`` and the generation
-settings ``max_tokens``, ``temperature``, ``top_p``, ``seed`` and ``stop``. A JSON
-``null`` for an optional field means "not given".
+Plain lines may also carry ``custom_id``, ``metadata``, ``raw``, the generation
+settings ``max_tokens``, ``temperature``, ``top_p``, ``seed`` and ``stop``, and
+``logprobs`` / ``top_logprobs`` as a chat completions body has them. A JSON ``null``
+for an optional field means "not given".
 
 A bad line never stops the reading: :func:`iter_requests` yields a :class:`LineError`
 for it and goes on, so a submit can report every problem of a file at once.
@@ -31,6 +32,7 @@ MAX_LINE_BYTES = 64 * 1024 * 1024
 
 MAX_TOKENS_LIMIT = 131072
 SEED_LIMIT = 2**63 - 1
+TOP_LOGPROBS_LIMIT = 20  # OpenAI's chat limit (its completions endpoint stops at 5)
 MAX_STOP_SEQUENCES = 16
 MAX_CUSTOM_ID_CHARS = 256
 
@@ -40,7 +42,9 @@ COMPLETIONS_URL = "/v1/completions"
 _BOM = b"\xef\xbb\xbf"
 _ROLES = {"system": "system", "user": "user", "assistant": "assistant", "developer": "system"}
 _SETTINGS = ("max_tokens", "temperature", "top_p", "seed", "stop")
-_PLAIN_FIELDS = ("prompt", "messages", "custom_id", "metadata", "raw", *_SETTINGS)
+_LOGPROBS_FIELDS = ("logprobs", "top_logprobs")
+_PLAIN_FIELDS = ("prompt", "messages", "custom_id", "metadata", "raw", *_SETTINGS,
+                 *_LOGPROBS_FIELDS)
 _BATCH_FIELDS = ("custom_id", "method", "url", "body", "metadata")
 
 
@@ -91,6 +95,9 @@ class Params:
     top_p: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] | None = None
+    # Log-probabilities asked for: the number of most likely alternatives to give with
+    # each token's own (0 for its own only); None when not asked.
+    logprobs: int | None = None
 
     def merged_over(self, base: Params) -> Params:
         """These settings laid over ``base``: each field that is not None here wins."""
@@ -219,12 +226,33 @@ def _check_stop(value: Any, name: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _check_logprobs_count(value: Any, name: str) -> int:
+    if type(value) is not int or not 0 <= value <= TOP_LOGPROBS_LIMIT:
+        raise _Reject(f"{name} must be an integer from 0 to {TOP_LOGPROBS_LIMIT}, got "
+                      f"{_show(value)}")
+    return value
+
+
+def _chat_logprobs(logprobs: Any, top: Any, prefix: str) -> int | None:
+    """The ``logprobs`` setting from a chat body's ``logprobs`` (true or false) and
+    ``top_logprobs`` (0 to 20, only with logprobs true), as OpenAI defines them."""
+    if logprobs is not None and type(logprobs) is not bool:
+        raise _Reject(f"{prefix}logprobs must be true or false, got {_show(logprobs)}"
+                      f" (the number of alternatives goes in {prefix}top_logprobs)")
+    if top is not None:
+        if logprobs is not True:
+            raise _Reject(f"{prefix}top_logprobs needs {prefix}logprobs: true")
+        return _check_logprobs_count(top, f"{prefix}top_logprobs")
+    return 0 if logprobs else None
+
+
 _CHECKS = {
     "max_tokens": _check_max_tokens,
     "temperature": _check_temperature,
     "top_p": _check_top_p,
     "seed": _check_seed,
     "stop": _check_stop,
+    "logprobs": _check_logprobs_count,
 }
 
 
@@ -379,6 +407,8 @@ def _parse_plain(obj: dict[str, Any], line_no: int, raw_default: bool) -> Reques
             continue
         if key == "custom_id":
             custom_id = _check_custom_id(value)
+        elif key in _LOGPROBS_FIELDS:
+            continue  # read together below
         elif key in _CHECKS:
             if value is not None:
                 if settings is None:
@@ -393,6 +423,9 @@ def _parse_plain(obj: dict[str, Any], line_no: int, raw_default: bool) -> Reques
                 raw_flag = value
         else:
             raise _Reject(f"unknown field {key!r} (accepted: {', '.join(_PLAIN_FIELDS)})")
+    logprobs = _chat_logprobs(obj.get("logprobs"), obj.get("top_logprobs"), "")
+    if logprobs is not None:
+        settings = {**(settings or {}), "logprobs": logprobs}
     params = Params(**settings) if settings else _NO_PARAMS
 
     if "messages" in obj:
@@ -415,7 +448,7 @@ def _noop_ok(key: str, value: Any) -> str | None:
         return None
     if key == "n":
         return None if type(value) is int and value == 1 else "only 1"
-    if key == "stream" or key == "logprobs":
+    if key == "stream":
         return None if value is False else "only false"
     if key == "presence_penalty" or key == "frequency_penalty":
         return None if _is_number(value) and value == 0 else "only 0"
@@ -425,8 +458,20 @@ def _noop_ok(key: str, value: Any) -> str | None:
     return None if value == {"type": "text"} else 'only {"type": "text"}'
 
 
-_NOOP_FIELDS = {"n", "stream", "logprobs", "presence_penalty", "frequency_penalty", "user",
+_NOOP_FIELDS = {"n", "stream", "presence_penalty", "frequency_penalty", "user",
                 "response_format"}
+
+
+def _body_logprobs(body: dict[str, Any], chat: bool) -> int | None:
+    """The ``logprobs`` setting of a batch line's body: a chat body's ``logprobs`` and
+    ``top_logprobs``, or a completions body's ``logprobs`` (a count, as OpenAI's)."""
+    if chat:
+        return _chat_logprobs(body.get("logprobs"), body.get("top_logprobs"), "body.")
+    if body.get("top_logprobs") is not None:
+        raise _Reject(f"body.top_logprobs belongs to {CHAT_URL}; a {COMPLETIONS_URL} body "
+                      "gives the number of alternatives as body.logprobs")
+    value = body.get("logprobs")
+    return None if value is None else _check_logprobs_count(value, "body.logprobs")
 
 
 def _parse_batch(obj: dict[str, Any], line_no: int) -> RequestSpec:
@@ -470,6 +515,8 @@ def _parse_batch(obj: dict[str, Any], line_no: int) -> RequestSpec:
             if value is not None and type(value) is not str:
                 raise _Reject(f"body.model must be a string, got {_type_name(value)}")
             model = value
+        elif key in _LOGPROBS_FIELDS:
+            continue  # read together below
         elif key in _CHECKS or key == "max_completion_tokens":
             if value is not None:
                 name = "max_tokens" if key == "max_completion_tokens" else key
@@ -489,6 +536,9 @@ def _parse_batch(obj: dict[str, Any], line_no: int) -> RequestSpec:
                 )
         else:
             raise _Reject(f"body.{key} is not supported by nightshift")
+    logprobs = _body_logprobs(body, chat)
+    if logprobs is not None:
+        settings = {**(settings or {}), "logprobs": logprobs}
     params = Params(**settings) if settings else _NO_PARAMS
     if metadata is None:
         metadata = body_metadata

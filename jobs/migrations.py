@@ -183,12 +183,19 @@ def m005_request_losses(conn: Connection) -> None:
     _add_columns(conn, "requests", [("lost", "INTEGER NOT NULL DEFAULT 0")])
 
 
+def m006_request_logprobs(conn: Connection) -> None:
+    """``requests.logprobs``: the answer's tokens with their log-probabilities (JSON),
+    for the requests that ask."""
+    _add_columns(conn, "requests", [("logprobs", "TEXT")])
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     m001_initial,
     m002_job_counts,
     m003_worker_engine_counters,
     m004_submitting,
     m005_request_losses,
+    m006_request_logprobs,
 ]
 
 

@@ -92,6 +92,8 @@ requests = Table(
     Column("prompt_tps", Float),
     Column("generation_tps", Float),
     Column("error", Text),
+    # JSON, for requests that asked: [{"token", "logprob", "bytes", "top_logprobs"}, ...]
+    Column("logprobs", Text),
 )
 Index("requests_job_seq", requests.c.job_id, requests.c.seq, unique=True)
 Index("requests_job_status", requests.c.job_id, requests.c.status)

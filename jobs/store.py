@@ -425,6 +425,7 @@ class Store(Reads):
                         prompt_tokens=r.prompt_tokens, cached_tokens=r.cached_tokens,
                         completion_tokens=r.completion_tokens, error=r.error,
                         prompt_tps=r.prompt_tps, generation_tps=r.generation_tps,
+                        logprobs=None if r.logprobs is None else orjson.dumps(r.logprobs).decode(),
                     )
                 ).rowcount
                 if done:

@@ -110,6 +110,9 @@ class Result:
     cached_tokens: int | None = None
     completion_tokens: int | None = None
     error: str | None = None
+    # The answer's tokens, each {"token", "logprob", "bytes", "top_logprobs"} (OpenAI's
+    # chat shape), where the request asked for log-probabilities.
+    logprobs: list[dict] | None = None
 
     @property
     def status(self) -> RequestStatus:

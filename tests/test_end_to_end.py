@@ -26,6 +26,11 @@ def test_submit_run_export_cancel_retry(invoke, smollm2, tmp_path):
          "stop": ["5"], "max_tokens": 40},
         # Longer than the context the first worker run allows: fails alone.
         {"custom_id": "long", "prompt": "Please summarise: " + "lorem ipsum " * 100},
+        # Log-probabilities, in the chat shape and in the completions one.
+        {"custom_id": "lp", "prompt": "What is 2+2?", "logprobs": True, "top_logprobs": 2,
+         "max_tokens": 8},
+        {"custom_id": "lp-raw", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": "The capital of Italy is", "logprobs": 1, "max_tokens": 6}},
     ]
     questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
     job = submit(invoke, questions, "--max-tokens", "32")
@@ -37,7 +42,7 @@ def test_submit_run_export_cancel_retry(invoke, smollm2, tmp_path):
     assert "ready" in first.stderr
 
     status = json.loads(invoke("status", job, "--json").output)
-    assert status["counts"]["done"] == 4 and status["counts"]["failed"] == 1
+    assert status["counts"]["done"] == 6 and status["counts"]["failed"] == 1
     assert status["completion_tokens"] > 0 and status["tokens_per_second"] > 0
     assert status["peak_memory_bytes"] > 0 and status["ttft_p50"] > 0
 
@@ -51,6 +56,18 @@ def test_submit_run_export_cancel_retry(invoke, smollm2, tmp_path):
     stopped = by_id["stop"]["response"]["body"]["choices"][0]
     assert "5" not in stopped["message"]["content"] and stopped["finish_reason"] == "stop"
     assert "context window is 128" in by_id["long"]["error"]["message"]
+    for r in records[:4]:  # only the requests that asked get log-probabilities
+        assert r["response"]["body"]["choices"][0]["logprobs"] is None
+    chat = by_id["lp"]["response"]["body"]["choices"][0]
+    content = chat["logprobs"]["content"]
+    assert "".join(e["token"] for e in content) == chat["message"]["content"]
+    assert all(e["logprob"] <= 0 and len(e["top_logprobs"]) == 2 for e in content)
+    assert all(e["top_logprobs"][0]["token"] == e["token"] for e in content)  # greedy
+    raw = by_id["lp-raw"]["response"]["body"]["choices"][0]
+    assert "".join(raw["logprobs"]["tokens"]) == raw["text"]
+    assert all(len(top) == 1 for top in raw["logprobs"]["top_logprobs"])
+    assert by_id["lp-raw"]["response"]["body"]["usage"]["prompt_tokens_details"] == {
+        "cached_tokens": 0}
     for r in records[:4]:
         t = r["nightshift"]
         usage = r["response"]["body"]["usage"]
@@ -68,7 +85,7 @@ def test_submit_run_export_cancel_retry(invoke, smollm2, tmp_path):
     second = run_worker("--drain", log_path=tmp_path / "worker.log")
     assert second.returncode == 0, second.stderr
     status = json.loads(invoke("status", job, "--json").output)
-    assert status["counts"]["done"] == 5 and status["state"] == "done"
+    assert status["counts"]["done"] == 7 and status["state"] == "done"
     again = [json.loads(x) for x in invoke("export", job).output.splitlines()]
     assert again[4]["response"]["body"]["choices"][0]["message"]["content"]
     assert [r["response"] for r in again[:4]] == [r["response"] for r in records[:4]]

@@ -155,6 +155,21 @@ def test_openai_body_settings_and_noop_fields():
     assert spec.model is None
 
 
+@pytest.mark.parametrize("line, expected", [
+    ({"prompt": "x", "logprobs": True}, 0),
+    ({"prompt": "x", "logprobs": True, "top_logprobs": 20}, 20),
+    ({"prompt": "x", "logprobs": False}, None),
+    ({"url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "x"}],
+                                              "logprobs": True, "top_logprobs": 3}}, 3),
+    ({"url": "/v1/completions", "body": {"prompt": "x", "logprobs": 2}}, 2),
+    ({"url": "/v1/completions", "body": {"prompt": "x", "logprobs": 0}}, 0),
+], ids=["plain", "plain-top", "plain-false", "chat", "completions", "completions-0"])
+def test_logprobs_as_each_shape_asks(line, expected):
+    """Chat asks with logprobs: true and top_logprobs (OpenAI's chat API), completions with a
+    count in logprobs (its legacy API); both become one setting: the alternatives wanted."""
+    assert one(line).params.logprobs == expected
+
+
 def test_openai_top_level_metadata_wins_over_body_metadata():
     spec = one({"url": "/v1/completions", "metadata": {"a": 1},
                 "body": {"prompt": "x", "metadata": {"b": 2}}})
@@ -198,7 +213,13 @@ BAD_LINES = [
     ('{"prompt": null}', "prompt must be a string, got null"),
     ('{"prompt": "x", "messages": []}', 'give "prompt" or "messages", not both'),
     ('{"prompt": "x", "model": "m"}', "unknown field 'model' (accepted: prompt, messages, "
-     "custom_id, metadata, raw, max_tokens, temperature, top_p, seed, stop)"),
+     "custom_id, metadata, raw, max_tokens, temperature, top_p, seed, stop, logprobs, "
+     "top_logprobs)"),
+    ('{"prompt": "x", "logprobs": 3}', "logprobs must be true or false, got 3 (the number of "
+     "alternatives goes in top_logprobs)"),
+    ('{"prompt": "x", "top_logprobs": 3}', "top_logprobs needs logprobs: true"),
+    ('{"prompt": "x", "logprobs": true, "top_logprobs": 21}',
+     "top_logprobs must be an integer from 0 to 20, got 21"),
     ('{"prompt": "x", "raw": "yes"}', "raw must be true or false, got string"),
     ('{"messages": [{"role": "user", "content": "x"}], "raw": true}', '"raw": true applies to'),
     ('{"prompt": "x", "custom_id": ""}', "custom_id must not be empty"),
@@ -267,7 +288,12 @@ BAD_LINES = [
     ('{"url": "/v1/completions", "body": {"prompt": "x", "n": 2}}',
      "body.n = 2 is not supported by nightshift (only 1 is accepted)"),
     ('{"url": "/v1/completions", "body": {"prompt": "x", "stream": true}}', "body.stream = true"),
-    ('{"url": "/v1/completions", "body": {"prompt": "x", "logprobs": true}}', "body.logprobs"),
+    ('{"url": "/v1/completions", "body": {"prompt": "x", "logprobs": true}}',
+     "body.logprobs must be an integer from 0 to 20, got true"),
+    ('{"url": "/v1/completions", "body": {"prompt": "x", "top_logprobs": 2}}',
+     "body.top_logprobs belongs to /v1/chat/completions"),
+    ('{"url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "x"}], '
+     '"logprobs": 2}}', "body.logprobs must be true or false"),
     ('{"url": "/v1/completions", "body": {"prompt": "x", "presence_penalty": 0.5}}',
      "body.presence_penalty = 0.5 is not supported by nightshift (only 0 is accepted)"),
     ('{"url": "/v1/completions", "body": {"prompt": "x", "frequency_penalty": false}}',

@@ -7,6 +7,11 @@ SmolLM2's 49,152 tokens, more than the lm_head matmul (ENGINE-NOTES). Greedy dec
 needs only the argmax of the logits; a seeded sampler gets its own row normalized, as
 before, so its draws do not change.
 
+A request that asks for log-probabilities gets a ``WithLogprobs`` sampler: its row alone
+is normalized, and its responses carry that row (the vocabulary's log-probabilities);
+every other response carries ``logprobs=None``. Its tokens are the ones it would get
+without asking (a greedy row still takes the argmax of its logits).
+
 ``use_logits_step`` puts this step into a BatchGenerator. It replaces the generator's
 one long-lived generation batch (mlx-lm 0.32.2 creates it in ``__init__`` and only
 ever extends it); the first token of each newly admitted request is still sampled
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, GenerationBatch
+from mlx_lm.sample_utils import greedy_sampler
 
 
 def normalized(logits: mx.array) -> mx.array:
@@ -24,23 +30,62 @@ def normalized(logits: mx.array) -> mx.array:
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
-def sample(logits: mx.array, samplers: list | None) -> mx.array:
-    """The next token of each row: argmax where the sampler is None (greedy), else the
-    row's sampler on the row's log-probabilities."""
-    if not samplers or all(s is None for s in samplers):
-        return mx.argmax(logits, axis=-1)
+class WithLogprobs:
+    """The sampler of a request that asks for log-probabilities: ``inner`` (a seeded
+    sampler), or greedy when None. mlx-lm calls it on log-probabilities for a request's
+    first token; ``sample`` calls it on the row's log-probabilities after that."""
+
+    logprobs = True
+
+    def __init__(self, inner=None):
+        self.inner = inner
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        return (self.inner or greedy_sampler)(logprobs)
+
+
+def wants_logprobs(sampler) -> bool:
+    return getattr(sampler, "logprobs", False)
+
+
+def _inner(sampler):
+    """The sampler that draws a row's token; None for greedy. BatchGenerator.insert
+    puts mlx-lm's ``greedy_sampler`` where a request gave none."""
+    if isinstance(sampler, WithLogprobs):
+        sampler = sampler.inner
+    return None if sampler is greedy_sampler else sampler
+
+
+def sample(logits: mx.array, samplers: list | None) -> tuple[mx.array, list]:
+    """The next token of each row, and each row's log-probabilities where its sampler
+    wants them (else None).
+
+    A greedy row (sampler None, mlx-lm's ``greedy_sampler``, or ``WithLogprobs`` of
+    either) takes the argmax of its logits, unnormalized; any other row's sampler draws
+    from the row's log-probabilities.
+    """
     greedy = mx.argmax(logits, axis=-1)
-    return mx.concatenate([
-        greedy[e:e + 1] if s is None else s(normalized(logits[e:e + 1]))
-        for e, s in enumerate(samplers)
-    ], axis=0)
+    plain = [_inner(s) is None and not wants_logprobs(s) for s in samplers or ()]
+    if all(plain):
+        return greedy, [None] * len(logits)
+    tokens, logprobs = [], []
+    for e, s in enumerate(samplers):
+        if plain[e]:
+            tokens.append(greedy[e:e + 1])
+            logprobs.append(None)
+            continue
+        row = normalized(logits[e:e + 1])
+        inner = _inner(s)
+        tokens.append(greedy[e:e + 1] if inner is None else inner(row))
+        logprobs.append(row[0] if wants_logprobs(s) else None)
+    return mx.concatenate(tokens, axis=0), logprobs
 
 
 class LogitsGenerationBatch(GenerationBatch):
     """mlx-lm's GenerationBatch, sampling on logits (see the module docstring).
 
-    Responses carry ``logprobs=None``. Logits processors are not supported (the
-    engine gives none).
+    Responses carry ``logprobs=None`` except for rows whose sampler wants them. Logits
+    processors are not supported (the engine gives none).
     """
 
     def _step(self):
@@ -49,16 +94,19 @@ class LogitsGenerationBatch(GenerationBatch):
         # As mlx-lm's step: compute the next tokens asynchronously, then return the
         # current ones (evaluated meanwhile) and record them as in the KV cache.
         self._current_tokens = self._next_tokens
+        # A newly joined row's first log-probabilities come from mlx-lm's step (every
+        # row's); only the rows that asked keep them.
+        current = [lp if wants_logprobs(s) else None
+                   for lp, s in zip(self._next_logprobs, self.samplers)]
         inputs = self._current_tokens
         logits = self.model(inputs[:, None], cache=self.prompt_cache)[:, -1, :]
-        self._next_tokens = sample(logits, self.samplers)
-        self._next_logprobs = [None] * len(self.uids)
-        mx.async_eval(self._next_tokens)
-        mx.eval(inputs)
+        self._next_tokens, self._next_logprobs = sample(logits, self.samplers)
+        mx.async_eval(self._next_tokens, [lp for lp in self._next_logprobs if lp is not None])
+        mx.eval(inputs, [lp for lp in current if lp is not None])
         inputs = inputs.tolist()
         for tokens, token in zip(self.tokens, inputs):
             tokens.append(token)
-        return inputs, [None] * len(inputs)
+        return inputs, current
 
 
 def use_logits_step(generator: BatchGenerator) -> None:

@@ -18,7 +18,8 @@ from mlx_lm.generate import BatchGenerator, make_stop_sequences
 from mlx_lm.sample_utils import apply_top_p
 from nightshift.jobs import settings
 from nightshift.jobs.vocabulary import Claimed, Result
-from nightshift.worker.decode import use_logits_step
+from nightshift.worker import logprobs
+from nightshift.worker.decode import WithLogprobs, use_logits_step
 from nightshift.worker.prefill import prefill_settings
 from nightshift.worker.prefix import PrefixCache
 
@@ -56,6 +57,8 @@ class Live:
     first_token_at: float | None = None
     tokens: list[int] = field(default_factory=list)
     detokenizer: object = None
+    top_logprobs: int | None = None  # None: log-probabilities not asked for
+    picked: list[logprobs.Picked] = field(default_factory=list)
 
 
 class Engine:
@@ -81,6 +84,7 @@ class Engine:
         self.planned_tokens = planned_tokens
         self.prefixes = prefix_cache
         self.eos = set(tokenizer.eos_token_ids)
+        self._token_bytes = None  # built when a request first asks for log-probabilities
         # A freed slot is refilled at once, and a long prefill never stalls the decode
         # of the others for more than one bounded chunk per step.
         default_batch, default_step = prefill_settings(batch_size)
@@ -158,15 +162,15 @@ class Engine:
             caches.append(cache)
             history.append(prefix)
             budgets.append(budget)
-            samplers.append(
-                seeded_sampler(temperature, p.get("top_p") or 1.0, p.get("seed"))
-                if temperature > 0 else None
-            )
+            sampler = (seeded_sampler(temperature, p.get("top_p") or 1.0, p.get("seed"))
+                       if temperature > 0 else None)
+            samplers.append(sampler if p.get("logprobs") is None else WithLogprobs(sampler))
             stops.append(make_stop_sequences(self.tokenizer, p.get("stop") or ()))
         uids = self.generator.insert(prompts, budgets, caches=caches, all_tokens=history,
                                      samplers=samplers, stop_sequences=stops)
         for uid, (c, tokens, _), prefix in zip(uids, ready, history):
-            live = Live(c, len(tokens), len(prefix), tuple(c.params.get("stop") or ()), now)
+            live = Live(c, len(tokens), len(prefix), tuple(c.params.get("stop") or ()), now,
+                        top_logprobs=c.params.get("logprobs"))
             if live.stops:
                 live.detokenizer = self.tokenizer.detokenizer
             self.live[uid] = live
@@ -220,6 +224,8 @@ class Engine:
             if live.first_token_at is None:
                 live.first_token_at = now
             live.tokens.append(r.token)
+            if live.top_logprobs is not None:
+                live.picked.append(logprobs.pick(r.logprobs, r.token, live.top_logprobs))
             reason = r.finish_reason
             if reason is None and live.stops and self._hit_text_stop(live, r.token):
                 self.generator.remove([r.uid])
@@ -250,7 +256,19 @@ class Engine:
             c.id, c.job_id, live.started_at, now, first_token_at=live.first_token_at,
             response=text, finish_reason=reason, prompt_tokens=live.prompt_tokens,
             cached_tokens=live.cached_tokens, completion_tokens=len(live.tokens),
+            logprobs=self._logprobs(live, tokens, len(text.encode()) if cut else None),
         )
+
+    def _logprobs(self, live: Live, tokens: list[int], size: int | None) -> list | None:
+        """The answer's tokens with their log-probabilities, if the request asked; those
+        past a stop text (``size`` bytes of text kept) are left out with it."""
+        if live.top_logprobs is None:
+            return None
+        if self._token_bytes is None:
+            self._token_bytes = logprobs.token_bytes(self.tokenizer)
+        if size is not None:
+            tokens = tokens[:logprobs.tokens_within(self._token_bytes, tokens, size)]
+        return logprobs.entries(self._token_bytes, tokens, live.picked)
 
     def _after_failed_step(self, exc: Exception) -> list[Result]:
         now = time.time()
