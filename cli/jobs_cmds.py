@@ -14,6 +14,24 @@ from nightshift.jobs.export import FORMATS
 # rich or the worker (see jobs/reads.py).
 
 
+def _schema(path: str) -> str:
+    """``--schema FILE``: the response format spec of a JSON Schema file."""
+    import orjson
+    from nightshift.jobs import response_format
+
+    try:
+        with open(path, "rb") as f:
+            schema = orjson.loads(f.read())
+    except OSError as exc:
+        raise click.FileError(path, exc.strerror) from None
+    except orjson.JSONDecodeError as exc:
+        raise click.BadParameter(f"{path} is not JSON: {exc}", param_hint="--schema") from None
+    try:
+        return response_format.from_schema(schema, path)
+    except response_format.FormatError as exc:
+        raise click.BadParameter(str(exc), param_hint="--schema") from None
+
+
 def _warn(warning: str | None) -> None:
     """A queue that failed once the job was stored: a warning, not an error (see
     worker/dispatch.py)."""
@@ -33,6 +51,9 @@ def _warn(warning: str | None) -> None:
 @click.option("--seed", type=int, help="Makes sampling reproducible, request by request.")
 @click.option("--stop", multiple=True, help="Stop text (repeatable); the answer ends before it.")
 @click.option("--system", help="System prompt for chat requests that have none.")
+@click.option("--schema", "schema_file", type=click.Path(dir_okay=False),
+              help="A JSON Schema file every answer must follow (a line's own "
+              "response_format wins).")
 @click.option("--raw", is_flag=True, help="Send {\"prompt\"} lines as raw text, no chat template.")
 @click.option("--priority", default=0, show_default=True,
               type=click.IntRange(settings.PRIORITY_MIN, settings.PRIORITY_MAX),
@@ -40,8 +61,8 @@ def _warn(warning: str | None) -> None:
 @click.option("--at", "at", help='Do not start before this time: "02:00" or ISO 8601.')
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @output.json_option
-def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, system, raw,
-               priority, at, quiet, as_json):
+def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, system,
+               schema_file, raw, priority, at, quiet, as_json):
     """Queue a JSONL file of prompts as one job; prints the job id.
 
     Each non-blank line is one request: {"prompt": "..."}, {"messages": [...]}, or an
@@ -69,7 +90,8 @@ def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, sy
         model=model, name=name, system=system, raw=raw, priority=priority,
         not_before=not_before,
         params=Params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                      stop=tuple(stop) or None),
+                      stop=tuple(stop) or None,
+                      response_format=_schema(schema_file) if schema_file else None),
     )
     source = "<stdin>" if file == "-" else file
     store = Store()

@@ -7,8 +7,9 @@ Three line shapes are accepted, each a JSON object on one line:
 * an OpenAI Batch API line: ``{"custom_id", "method": "POST", "url", "body"}``.
 
 Plain lines may also carry ``custom_id``, ``metadata``, ``raw``, the generation
-settings ``max_tokens``, ``temperature``, ``top_p``, ``seed`` and ``stop``, and
-``logprobs`` / ``top_logprobs`` as a chat completions body has them. A JSON ``null``
+settings ``max_tokens``, ``temperature``, ``top_p``, ``seed`` and ``stop``,
+``logprobs`` / ``top_logprobs`` as a chat completions body has them, and
+``response_format`` (see jobs/response_format.py). A JSON ``null``
 for an optional field means "not given".
 
 A bad line never stops the reading: :func:`iter_requests` yields a :class:`LineError`
@@ -24,6 +25,7 @@ from dataclasses import dataclass, fields
 from typing import Any, BinaryIO
 
 import orjson
+from nightshift.jobs import response_format
 from nightshift.jobs.errors import NightshiftError
 
 # One line is held in memory whole; a longer one is skipped (without buffering it)
@@ -44,7 +46,7 @@ _ROLES = {"system": "system", "user": "user", "assistant": "assistant", "develop
 _SETTINGS = ("max_tokens", "temperature", "top_p", "seed", "stop")
 _LOGPROBS_FIELDS = ("logprobs", "top_logprobs")
 _PLAIN_FIELDS = ("prompt", "messages", "custom_id", "metadata", "raw", *_SETTINGS,
-                 *_LOGPROBS_FIELDS)
+                 *_LOGPROBS_FIELDS, "response_format")
 _BATCH_FIELDS = ("custom_id", "method", "url", "body", "metadata")
 
 
@@ -98,6 +100,8 @@ class Params:
     # Log-probabilities asked for: the number of most likely alternatives to give with
     # each token's own (0 for its own only); None when not asked.
     logprobs: int | None = None
+    # The answer's format: a canonical spec (jobs/response_format.py); None for text.
+    response_format: str | None = None
 
     def merged_over(self, base: Params) -> Params:
         """These settings laid over ``base``: each field that is not None here wins."""
@@ -246,6 +250,20 @@ def _chat_logprobs(logprobs: Any, top: Any, prefix: str) -> int | None:
     return 0 if logprobs else None
 
 
+def _check_response_format(value: Any, name: str) -> str:
+    try:
+        return response_format.check(value, name)
+    except response_format.FormatError as exc:
+        raise _Reject(str(exc)) from None
+
+
+def _openai_response_format(value: Any, name: str) -> str | None:
+    try:
+        return response_format.from_openai(value, name)
+    except response_format.FormatError as exc:
+        raise _Reject(str(exc)) from None
+
+
 _CHECKS = {
     "max_tokens": _check_max_tokens,
     "temperature": _check_temperature,
@@ -253,6 +271,7 @@ _CHECKS = {
     "seed": _check_seed,
     "stop": _check_stop,
     "logprobs": _check_logprobs_count,
+    "response_format": _check_response_format,
 }
 
 
@@ -409,6 +428,10 @@ def _parse_plain(obj: dict[str, Any], line_no: int, raw_default: bool) -> Reques
             custom_id = _check_custom_id(value)
         elif key in _LOGPROBS_FIELDS:
             continue  # read together below
+        elif key == "response_format":
+            spec = None if value is None else _openai_response_format(value, key)
+            if spec is not None:
+                settings = {**(settings or {}), key: spec}
         elif key in _CHECKS:
             if value is not None:
                 if settings is None:
@@ -452,14 +475,11 @@ def _noop_ok(key: str, value: Any) -> str | None:
         return None if value is False else "only false"
     if key == "presence_penalty" or key == "frequency_penalty":
         return None if _is_number(value) and value == 0 else "only 0"
-    if key == "user":
-        return None if type(value) is str else "a string"
-    # response_format
-    return None if value == {"type": "text"} else 'only {"type": "text"}'
+    # user
+    return None if type(value) is str else "a string"
 
 
-_NOOP_FIELDS = {"n", "stream", "presence_penalty", "frequency_penalty", "user",
-                "response_format"}
+_NOOP_FIELDS = {"n", "stream", "presence_penalty", "frequency_penalty", "user"}
 
 
 def _body_logprobs(body: dict[str, Any], chat: bool) -> int | None:
@@ -517,6 +537,10 @@ def _parse_batch(obj: dict[str, Any], line_no: int) -> RequestSpec:
             model = value
         elif key in _LOGPROBS_FIELDS:
             continue  # read together below
+        elif key == "response_format":
+            spec = None if value is None else _openai_response_format(value, f"body.{key}")
+            if spec is not None:
+                settings = {**(settings or {}), key: spec}
         elif key in _CHECKS or key == "max_completion_tokens":
             if value is not None:
                 name = "max_tokens" if key == "max_completion_tokens" else key

@@ -4,6 +4,7 @@ and properties."""
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 import tracemalloc
@@ -170,6 +171,29 @@ def test_logprobs_as_each_shape_asks(line, expected):
     assert one(line).params.logprobs == expected
 
 
+SCHEMA = {"type": "object", "properties": {"label": {"enum": ["spam", "ham"]}},
+          "required": ["label"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("line", [
+    {"prompt": "x", "response_format": {"type": "json_schema",
+                                        "json_schema": {"name": "label", "schema": SCHEMA}}},
+    {"url": "/v1/chat/completions", "body": {
+        "messages": [{"role": "user", "content": "x"}],
+        "response_format": {"type": "json_schema",
+                            "json_schema": {"name": "label", "strict": True, "schema": SCHEMA}}}},
+], ids=["plain", "chat"])
+def test_a_schema_is_kept_as_a_canonical_spec(line):
+    spec = one(line).params.response_format
+    assert json.loads(spec) == {"type": "json_schema", "schema": SCHEMA}
+
+
+def test_json_object_and_text():
+    assert one({"prompt": "x", "response_format": {"type": "json_object"}}).params == Params(
+        response_format='{"type":"json_object"}')
+    assert one({"prompt": "x", "response_format": {"type": "text"}}).params == Params()
+
+
 def test_openai_top_level_metadata_wins_over_body_metadata():
     spec = one({"url": "/v1/completions", "metadata": {"a": 1},
                 "body": {"prompt": "x", "metadata": {"b": 2}}})
@@ -214,7 +238,7 @@ BAD_LINES = [
     ('{"prompt": "x", "messages": []}', 'give "prompt" or "messages", not both'),
     ('{"prompt": "x", "model": "m"}', "unknown field 'model' (accepted: prompt, messages, "
      "custom_id, metadata, raw, max_tokens, temperature, top_p, seed, stop, logprobs, "
-     "top_logprobs)"),
+     "top_logprobs, response_format)"),
     ('{"prompt": "x", "logprobs": 3}', "logprobs must be true or false, got 3 (the number of "
      "alternatives goes in top_logprobs)"),
     ('{"prompt": "x", "top_logprobs": 3}', "top_logprobs needs logprobs: true"),
@@ -300,7 +324,17 @@ BAD_LINES = [
      "body.frequency_penalty = false"),
     ('{"url": "/v1/completions", "body": {"prompt": "x", "user": 1}}', "body.user = 1"),
     ('{"url": "/v1/completions", "body": {"prompt": "x", "response_format": '
-     '{"type": "json_object"}}}', "body.response_format"),
+     '{"type": "json"}}}', 'body.response_format.type must be "text", "json_object" or '
+     '"json_schema", got "json"'),
+    ('{"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "a", '
+     '"schema": {"type": "strin"}}}}',
+     "response_format.json_schema.schema cannot be followed: Invalid type: strin"),
+    ('{"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "a", '
+     '"schema": {"type": "string", "pattern": "(?<=a)b"}}}}', "look-around"),
+    ('{"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}',
+     "response_format.json_schema.name must be 1 to 64 letters"),
+    ('{"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "a"}}}',
+     "response_format.json_schema.schema is missing"),
     ('{"url": "/v1/completions", "body": {"prompt": "x", "temperature": 3}}',
      "body.temperature must be a number from 0 to 2, got 3"),
     ('{"url": "/v1/completions", "body": {"prompt": "x", "max_completion_tokens": 0}}',

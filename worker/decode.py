@@ -7,10 +7,13 @@ SmolLM2's 49,152 tokens, more than the lm_head matmul (ENGINE-NOTES). Greedy dec
 needs only the argmax of the logits; a seeded sampler gets its own row normalized, as
 before, so its draws do not change.
 
-A request that asks for log-probabilities gets a ``WithLogprobs`` sampler: its row alone
-is normalized, and its responses carry that row (the vocabulary's log-probabilities);
-every other response carries ``logprobs=None``. Its tokens are the ones it would get
-without asking (a greedy row still takes the argmax of its logits).
+A request that asks for log-probabilities, or whose answer must follow a grammar, gets a
+``RowSampler``. Log-probabilities: its row alone is normalized, and its responses carry
+that row (the model's log-probabilities over the vocabulary); every other response
+carries ``logprobs=None``. Its tokens are the ones it would get without asking (a greedy
+row still takes the argmax of its logits). A constraint (worker/constrain.py) masks the
+row's logits to the tokens its grammar allows next, and learns each token the row is
+given; the row's log-probabilities stay the model's own.
 
 ``use_logits_step`` puts this step into a BatchGenerator. It replaces the generator's
 one long-lived generation batch (mlx-lm 0.32.2 creates it in ``__init__`` and only
@@ -30,17 +33,21 @@ def normalized(logits: mx.array) -> mx.array:
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
-class WithLogprobs:
-    """The sampler of a request that asks for log-probabilities: ``inner`` (a seeded
-    sampler), or greedy when None. mlx-lm calls it on log-probabilities for a request's
-    first token; ``sample`` calls it on the row's log-probabilities after that."""
+class RowSampler:
+    """The sampler of a request that asks for log-probabilities or follows a grammar.
 
-    logprobs = True
+    ``inner``: a seeded sampler, or None for greedy. mlx-lm calls this on a new row's
+    log-probabilities for its first token; ``sample`` draws every later token.
+    """
 
-    def __init__(self, inner=None):
+    def __init__(self, inner=None, *, logprobs: bool = False, constraint=None):
         self.inner = inner
+        self.logprobs = logprobs
+        self.constraint = constraint
 
     def __call__(self, logprobs: mx.array) -> mx.array:
+        if self.constraint is not None:
+            logprobs = normalized(self.constraint.mask(logprobs))
         return (self.inner or greedy_sampler)(logprobs)
 
 
@@ -48,10 +55,14 @@ def wants_logprobs(sampler) -> bool:
     return getattr(sampler, "logprobs", False)
 
 
+def constraint_of(sampler):
+    return getattr(sampler, "constraint", None)
+
+
 def _inner(sampler):
     """The sampler that draws a row's token; None for greedy. BatchGenerator.insert
     puts mlx-lm's ``greedy_sampler`` where a request gave none."""
-    if isinstance(sampler, WithLogprobs):
+    if isinstance(sampler, RowSampler):
         sampler = sampler.inner
     return None if sampler is greedy_sampler else sampler
 
@@ -60,12 +71,12 @@ def sample(logits: mx.array, samplers: list | None) -> tuple[mx.array, list]:
     """The next token of each row, and each row's log-probabilities where its sampler
     wants them (else None).
 
-    A greedy row (sampler None, mlx-lm's ``greedy_sampler``, or ``WithLogprobs`` of
+    A greedy row (sampler None, mlx-lm's ``greedy_sampler``, or a ``RowSampler`` of
     either) takes the argmax of its logits, unnormalized; any other row's sampler draws
-    from the row's log-probabilities.
+    from the row's log-probabilities. A constrained row's logits are masked first.
     """
     greedy = mx.argmax(logits, axis=-1)
-    plain = [_inner(s) is None and not wants_logprobs(s) for s in samplers or ()]
+    plain = [_inner(s) is None and not isinstance(s, RowSampler) for s in samplers or ()]
     if all(plain):
         return greedy, [None] * len(logits)
     tokens, logprobs = [], []
@@ -74,10 +85,15 @@ def sample(logits: mx.array, samplers: list | None) -> tuple[mx.array, list]:
             tokens.append(greedy[e:e + 1])
             logprobs.append(None)
             continue
-        row = normalized(logits[e:e + 1])
-        inner = _inner(s)
-        tokens.append(greedy[e:e + 1] if inner is None else inner(row))
-        logprobs.append(row[0] if wants_logprobs(s) else None)
+        row, inner, constraint = logits[e:e + 1], _inner(s), constraint_of(s)
+        own = normalized(row) if wants_logprobs(s) or (inner and not constraint) else None
+        if constraint is None:
+            tokens.append(greedy[e:e + 1] if inner is None else inner(own))
+        else:
+            allowed = constraint.mask(row)
+            tokens.append(mx.argmax(allowed, axis=-1) if inner is None
+                          else inner(normalized(allowed)))
+        logprobs.append(own[0] if wants_logprobs(s) else None)
     return mx.concatenate(tokens, axis=0), logprobs
 
 
@@ -100,6 +116,11 @@ class LogitsGenerationBatch(GenerationBatch):
                    for lp, s in zip(self._next_logprobs, self.samplers)]
         inputs = self._current_tokens
         logits = self.model(inputs[:, None], cache=self.prompt_cache)[:, -1, :]
+        constrained = [(e, c) for e, c in enumerate(map(constraint_of, self.samplers)) if c]
+        if constrained:  # each grammar learns its row's token before it masks the next
+            tokens = inputs.tolist()
+            for e, c in constrained:
+                c.consume(tokens[e])
         self._next_tokens, self._next_logprobs = sample(logits, self.samplers)
         mx.async_eval(self._next_tokens, [lp for lp in self._next_logprobs if lp is not None])
         mx.eval(inputs, [lp for lp in current if lp is not None])

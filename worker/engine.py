@@ -19,7 +19,8 @@ from mlx_lm.sample_utils import apply_top_p
 from nightshift.jobs import settings
 from nightshift.jobs.vocabulary import Claimed, Result
 from nightshift.worker import logprobs
-from nightshift.worker.decode import WithLogprobs, use_logits_step
+from nightshift.worker.constrain import Grammars
+from nightshift.worker.decode import RowSampler, use_logits_step
 from nightshift.worker.prefill import prefill_settings
 from nightshift.worker.prefix import PrefixCache
 
@@ -61,6 +62,12 @@ class Live:
     picked: list[logprobs.Picked] = field(default_factory=list)
 
 
+def _vocab_size(model, tokenizer) -> int:
+    """The width of the model's logits (a vocabulary may be padded past the tokenizer's)."""
+    args = getattr(model, "args", None)
+    return getattr(args, "vocab_size", None) or len(tokenizer)
+
+
 class Engine:
     """Continuous batching over one loaded model.
 
@@ -85,6 +92,7 @@ class Engine:
         self.prefixes = prefix_cache
         self.eos = set(tokenizer.eos_token_ids)
         self._token_bytes = None  # built when a request first asks for log-probabilities
+        self.grammars = Grammars(tokenizer, _vocab_size(model, tokenizer))
         # A freed slot is refilled at once, and a long prefill never stalls the decode
         # of the others for more than one bounded chunk per step.
         default_batch, default_step = prefill_settings(batch_size)
@@ -146,14 +154,16 @@ class Engine:
         for c in batch:
             try:
                 tokens = self.encode(c)
-                ready.append((c, tokens, self._budget(c, len(tokens))))
+                spec = c.params.get("response_format")
+                ready.append((c, tokens, self._budget(c, len(tokens)),
+                              self.grammars.constraint(spec) if spec else None))
             except Exception as exc:  # one bad request never stops the others
                 failed.append(Result(c.id, c.job_id, now, now, error=f"{exc}"))
         if not ready:
             return failed
-        shared = self._shared_prefixes([tokens for _, tokens, _ in ready])
+        shared = self._shared_prefixes([tokens for _, tokens, _, _ in ready])
         prompts, budgets, samplers, stops, caches, history = [], [], [], [], [], []
-        for (c, tokens, budget), hit in zip(ready, shared):
+        for (c, tokens, budget, constraint), hit in zip(ready, shared):
             p = c.params
             temperature = p.get("temperature") or 0.0
             prefix, cache = hit if hit else ([], None)
@@ -164,11 +174,13 @@ class Engine:
             budgets.append(budget)
             sampler = (seeded_sampler(temperature, p.get("top_p") or 1.0, p.get("seed"))
                        if temperature > 0 else None)
-            samplers.append(sampler if p.get("logprobs") is None else WithLogprobs(sampler))
+            asks = p.get("logprobs") is not None
+            samplers.append(RowSampler(sampler, logprobs=asks, constraint=constraint)
+                            if asks or constraint else sampler)
             stops.append(make_stop_sequences(self.tokenizer, p.get("stop") or ()))
         uids = self.generator.insert(prompts, budgets, caches=caches, all_tokens=history,
                                      samplers=samplers, stop_sequences=stops)
-        for uid, (c, tokens, _), prefix in zip(uids, ready, history):
+        for uid, (c, tokens, _, _), prefix in zip(uids, ready, history):
             live = Live(c, len(tokens), len(prefix), tuple(c.params.get("stop") or ()), now,
                         top_logprobs=c.params.get("logprobs"))
             if live.stops:
