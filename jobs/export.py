@@ -77,20 +77,21 @@ def batch_record(row, job) -> dict:
              "total_tokens": (row.prompt_tokens or 0) + (row.completion_tokens or 0),
              "prompt_tokens_details": {"cached_tokens": row.cached_tokens or 0}}
     created = int(row.finished_at)
-    content = orjson.loads(row.logprobs) if row.logprobs else None
+    samples = orjson.loads(row.choices) if row.choices else [
+        {"text": row.response, "finish_reason": row.finish_reason,
+         "logprobs": orjson.loads(row.logprobs) if row.logprobs else None}]
     if row.kind == "completion":
+        choices = [{"index": i, "text": s["text"],
+                    "logprobs": s["logprobs"] and completion_logprobs(s["logprobs"]),
+                    "finish_reason": s["finish_reason"]} for i, s in enumerate(samples)]
         body = {"id": f"cmpl-{job.id}-{row.seq}", "object": "text_completion",
-                "created": created, "model": job.model,
-                "choices": [{"index": 0, "text": row.response,
-                             "logprobs": content and completion_logprobs(content),
-                             "finish_reason": row.finish_reason}], "usage": usage}
+                "created": created, "model": job.model, "choices": choices, "usage": usage}
     else:
+        choices = [{"index": i, "message": {"role": "assistant", "content": s["text"]},
+                    "logprobs": s["logprobs"] and {"content": s["logprobs"], "refusal": None},
+                    "finish_reason": s["finish_reason"]} for i, s in enumerate(samples)]
         body = {"id": f"chatcmpl-{job.id}-{row.seq}", "object": "chat.completion",
-                "created": created, "model": job.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": row.response},
-                             "logprobs": content and {"content": content, "refusal": None},
-                             "finish_reason": row.finish_reason}],
-                "usage": usage}
+                "created": created, "model": job.model, "choices": choices, "usage": usage}
     record["response"] = {"status_code": 200, "request_id": f"{job.id}-{row.seq}", "body": body}
     return record
 

@@ -34,6 +34,7 @@ MAX_LINE_BYTES = 64 * 1024 * 1024
 
 MAX_TOKENS_LIMIT = 131072
 SEED_LIMIT = 2**63 - 1
+N_LIMIT = 32  # samples of one prompt (each takes a slot of the batch)
 TOP_LOGPROBS_LIMIT = 20  # OpenAI's chat limit (its completions endpoint stops at 5)
 MAX_STOP_SEQUENCES = 16
 MAX_CUSTOM_ID_CHARS = 256
@@ -43,7 +44,7 @@ COMPLETIONS_URL = "/v1/completions"
 
 _BOM = b"\xef\xbb\xbf"
 _ROLES = {"system": "system", "user": "user", "assistant": "assistant", "developer": "system"}
-_SETTINGS = ("max_tokens", "temperature", "top_p", "seed", "stop")
+_SETTINGS = ("max_tokens", "temperature", "top_p", "seed", "stop", "n")
 _LOGPROBS_FIELDS = ("logprobs", "top_logprobs")
 _PLAIN_FIELDS = ("prompt", "messages", "custom_id", "metadata", "raw", *_SETTINGS,
                  *_LOGPROBS_FIELDS, "response_format")
@@ -102,6 +103,7 @@ class Params:
     logprobs: int | None = None
     # The answer's format: a canonical spec (jobs/response_format.py); None for text.
     response_format: str | None = None
+    n: int | None = None  # samples of the prompt, exported as choices[0..n-1]
 
     def merged_over(self, base: Params) -> Params:
         """These settings laid over ``base``: each field that is not None here wins."""
@@ -230,6 +232,12 @@ def _check_stop(value: Any, name: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _check_n(value: Any, name: str) -> int:
+    if type(value) is not int or not 1 <= value <= N_LIMIT:
+        raise _Reject(f"{name} must be an integer from 1 to {N_LIMIT}, got {_show(value)}")
+    return value
+
+
 def _check_logprobs_count(value: Any, name: str) -> int:
     if type(value) is not int or not 0 <= value <= TOP_LOGPROBS_LIMIT:
         raise _Reject(f"{name} must be an integer from 0 to {TOP_LOGPROBS_LIMIT}, got "
@@ -272,6 +280,7 @@ _CHECKS = {
     "stop": _check_stop,
     "logprobs": _check_logprobs_count,
     "response_format": _check_response_format,
+    "n": _check_n,
 }
 
 
@@ -469,8 +478,6 @@ def _noop_ok(key: str, value: Any) -> str | None:
     """None when ``value`` is the no-op value of body field ``key``, else what is accepted."""
     if value is None:
         return None
-    if key == "n":
-        return None if type(value) is int and value == 1 else "only 1"
     if key == "stream":
         return None if value is False else "only false"
     if key == "presence_penalty" or key == "frequency_penalty":
@@ -479,7 +486,7 @@ def _noop_ok(key: str, value: Any) -> str | None:
     return None if type(value) is str else "a string"
 
 
-_NOOP_FIELDS = {"n", "stream", "presence_penalty", "frequency_penalty", "user"}
+_NOOP_FIELDS = {"stream", "presence_penalty", "frequency_penalty", "user"}
 
 
 def _body_logprobs(body: dict[str, Any], chat: bool) -> int | None:

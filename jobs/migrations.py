@@ -183,10 +183,11 @@ def m005_request_losses(conn: Connection) -> None:
     _add_columns(conn, "requests", [("lost", "INTEGER NOT NULL DEFAULT 0")])
 
 
-def m006_request_logprobs(conn: Connection) -> None:
+def m006_request_logprobs_and_choices(conn: Connection) -> None:
     """``requests.logprobs``: the answer's tokens with their log-probabilities (JSON),
-    for the requests that ask."""
-    _add_columns(conn, "requests", [("logprobs", "TEXT")])
+    for the requests that ask; ``requests.choices``: every sample of a request with
+    ``n`` > 1 (JSON)."""
+    _add_columns(conn, "requests", [("logprobs", "TEXT"), ("choices", "TEXT")])
 
 
 MIGRATIONS: list[Callable[[Connection], None]] = [
@@ -195,7 +196,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     m003_worker_engine_counters,
     m004_submitting,
     m005_request_losses,
-    m006_request_logprobs,
+    m006_request_logprobs_and_choices,
 ]
 
 

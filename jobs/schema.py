@@ -94,6 +94,8 @@ requests = Table(
     Column("error", Text),
     # JSON, for requests that asked: [{"token", "logprob", "bytes", "top_logprobs"}, ...]
     Column("logprobs", Text),
+    # JSON, for n > 1: [{"text", "finish_reason", "logprobs", "completion_tokens"}, ...]
+    Column("choices", Text),
 )
 Index("requests_job_seq", requests.c.job_id, requests.c.seq, unique=True)
 Index("requests_job_status", requests.c.job_id, requests.c.status)

@@ -425,7 +425,7 @@ class Store(Reads):
                         prompt_tokens=r.prompt_tokens, cached_tokens=r.cached_tokens,
                         completion_tokens=r.completion_tokens, error=r.error,
                         prompt_tps=r.prompt_tps, generation_tps=r.generation_tps,
-                        logprobs=None if r.logprobs is None else orjson.dumps(r.logprobs).decode(),
+                        logprobs=_json_or_none(r.logprobs), choices=_json_or_none(r.choices),
                     )
                 ).rowcount
                 if done:
@@ -759,6 +759,10 @@ def _queued_count():
 def _counts_moved(deltas: dict[str, int]) -> dict:
     """``jobs`` column updates that move ``deltas`` requests between statuses."""
     return {count_column(s): jobs.c[count_column(s)] + n for s, n in deltas.items() if n}
+
+
+def _json_or_none(value) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
 
 
 def _lock_jobs(conn: Connection, job_ids: Iterable[str]) -> list:

@@ -113,6 +113,9 @@ class Result:
     # The answer's tokens, each {"token", "logprob", "bytes", "top_logprobs"} (OpenAI's
     # chat shape), where the request asked for log-probabilities.
     logprobs: list[dict] | None = None
+    # Every sample of a request with n > 1, each {"text", "finish_reason", "logprobs",
+    # "completion_tokens"}; the first is also response, finish_reason and logprobs.
+    choices: list[dict] | None = None
 
     @property
     def status(self) -> RequestStatus:

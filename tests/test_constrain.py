@@ -13,6 +13,8 @@ from nightshift.jobs import response_format
 from nightshift.jobs.vocabulary import Claimed
 from nightshift.worker.engine import Engine
 
+from tests.tiny_models import run_engine
+
 FLAG = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
         "additionalProperties": False}
 LABEL = {"type": "object", "properties": {"label": {"enum": ["spam", "ham", "eggs"]},
@@ -39,21 +41,14 @@ def claimed(i, schema=None, **params):
     return Claimed(i, "job", i, "completion", PROMPTS[i], params, None)
 
 
-def run(engine, batch):
-    results = engine.add(batch)
-    while engine.busy:
-        results += engine.step()
-    return {r.id: r for r in results}
-
-
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.9, "seed": 3}],
                          ids=["greedy", "seeded"])
 def test_each_row_follows_its_own_schema_and_the_others_are_untouched(tiny, sampling):
     model, tok = tiny
     # Batches of 3 over 9 prompts: requests join and leave while others decode.
-    mixed = run(Engine(model, tok, batch_size=3, prefill_batch_size=2),
+    mixed = run_engine(Engine(model, tok, batch_size=3, prefill_batch_size=2),
                 [claimed(i, s, **sampling) for i, s in enumerate(SCHEMAS)])
-    free = run(Engine(model, tok, batch_size=3, prefill_batch_size=2),
+    free = run_engine(Engine(model, tok, batch_size=3, prefill_batch_size=2),
                [claimed(i, **sampling) for i in range(len(SCHEMAS))])
     for i, schema in enumerate(SCHEMAS):
         r = mixed[i]
@@ -68,7 +63,7 @@ def test_each_row_follows_its_own_schema_and_the_others_are_untouched(tiny, samp
 def test_json_object_and_a_cut_answer(tiny):
     model, tok = tiny
     spec = response_format.from_openai({"type": "json_object"}, "response_format")
-    results = run(Engine(model, tok, batch_size=2),
+    results = run_engine(Engine(model, tok, batch_size=2),
                   [Claimed(0, "job", 0, "completion", PROMPTS[0],
                            {"max_tokens": 40, "response_format": spec}, None),
                    claimed(1, ITEMS, max_tokens=3)])
@@ -81,7 +76,7 @@ def test_json_object_and_a_cut_answer(tiny):
 
 def test_logprobs_of_a_constrained_answer_are_the_models(tiny):
     model, tok = tiny
-    r = run(Engine(model, tok, batch_size=2), [claimed(0, LABEL, logprobs=2)])[0]
+    r = run_engine(Engine(model, tok, batch_size=2), [claimed(0, LABEL, logprobs=2)])[0]
     jsonschema.validate(json.loads(r.response), LABEL)
     text = b"".join(bytes(e["bytes"]) for e in r.logprobs).decode()
     assert text == r.response

@@ -31,6 +31,9 @@ def test_submit_run_export_cancel_retry(invoke, smollm2, tmp_path):
          "max_tokens": 8},
         {"custom_id": "lp-raw", "method": "POST", "url": "/v1/completions",
          "body": {"prompt": "The capital of Italy is", "logprobs": 1, "max_tokens": 6}},
+        # Three samples of one prompt.
+        {"custom_id": "n3", "prompt": "Name a fruit.", "n": 3, "temperature": 1.0, "seed": 5,
+         "max_tokens": 8},
     ]
     questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
     job = submit(invoke, questions, "--max-tokens", "32")
@@ -42,7 +45,7 @@ def test_submit_run_export_cancel_retry(invoke, smollm2, tmp_path):
     assert "ready" in first.stderr
 
     status = json.loads(invoke("status", job, "--json").output)
-    assert status["counts"]["done"] == 6 and status["counts"]["failed"] == 1
+    assert status["counts"]["done"] == 7 and status["counts"]["failed"] == 1
     assert status["completion_tokens"] > 0 and status["tokens_per_second"] > 0
     assert status["peak_memory_bytes"] > 0 and status["ttft_p50"] > 0
 
@@ -68,6 +71,9 @@ def test_submit_run_export_cancel_retry(invoke, smollm2, tmp_path):
     assert all(len(top) == 1 for top in raw["logprobs"]["top_logprobs"])
     assert by_id["lp-raw"]["response"]["body"]["usage"]["prompt_tokens_details"] == {
         "cached_tokens": 0}
+    samples = by_id["n3"]["response"]["body"]["choices"]
+    assert [c["index"] for c in samples] == [0, 1, 2]
+    assert all(c["message"]["content"] and c["finish_reason"] for c in samples)
     for r in records[:4]:
         t = r["nightshift"]
         usage = r["response"]["body"]["usage"]
@@ -85,7 +91,7 @@ def test_submit_run_export_cancel_retry(invoke, smollm2, tmp_path):
     second = run_worker("--drain", log_path=tmp_path / "worker.log")
     assert second.returncode == 0, second.stderr
     status = json.loads(invoke("status", job, "--json").output)
-    assert status["counts"]["done"] == 7 and status["state"] == "done"
+    assert status["counts"]["done"] == 8 and status["state"] == "done"
     again = [json.loads(x) for x in invoke("export", job).output.splitlines()]
     assert again[4]["response"]["body"]["choices"][0]["message"]["content"]
     assert [r["response"] for r in again[:4]] == [r["response"] for r in records[:4]]

@@ -10,7 +10,7 @@ from nightshift.jobs.vocabulary import Claimed
 from nightshift.worker.engine import Engine
 from nightshift.worker.prefix import PrefixCache, common_prefix
 
-from tests.tiny_models import generate_single
+from tests.tiny_models import generate_single, run_engine
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +39,6 @@ def fragile(model, tok, word="zebra"):
     return Fragile()
 
 
-def run(engine, batch):
-    results = engine.add(batch)
-    for _ in range(10_000):
-        if not engine.busy and not engine.suspects:
-            break
-        results += engine.step()
-    return {r.id: r for r in results}
-
-
 PROMPTS = ["The night shift starts", "What is the capital of France?", "Count from one to",
            "Tests find mistakes", "The sea is wide and", "Hello, world!"]
 
@@ -55,7 +46,7 @@ PROMPTS = ["The night shift starts", "What is the capital of France?", "Count fr
 def test_batched_greedy_equals_one_at_a_time(tiny):
     model, tok = tiny
     engine = Engine(model, tok, batch_size=3, prefill_batch_size=2)
-    results = run(engine, [claimed(i, p) for i, p in enumerate(PROMPTS)])
+    results = run_engine(engine, [claimed(i, p) for i, p in enumerate(PROMPTS)])
     for i, p in enumerate(PROMPTS):
         tokens = tok.encode(p)
         single, _ = generate_single(model, tok, tokens, 12)
@@ -79,10 +70,10 @@ def test_chat_template_and_system_prompt(tiny):
 def test_stop_text_is_cut_and_never_included(tiny):
     model, tok = tiny
     engine = Engine(model, tok, batch_size=2)
-    free = run(engine, [claimed(1, PROMPTS[0], max_tokens=20)])[1].response
+    free = run_engine(engine, [claimed(1, PROMPTS[0], max_tokens=20)])[1].response
     stop = free.strip()[2:4]  # text the model really produces, inside a token or across two
     assert stop
-    r = run(engine, [claimed(2, PROMPTS[0], max_tokens=20, stop=[stop])])[2]
+    r = run_engine(engine, [claimed(2, PROMPTS[0], max_tokens=20, stop=[stop])])[2]
     assert r.finish_reason == "stop" and stop not in r.response
     assert free.startswith(r.response)
 
@@ -90,19 +81,19 @@ def test_stop_text_is_cut_and_never_included(tiny):
 def test_seed_reproduces_sampling_whatever_the_batch(tiny):
     model, tok = tiny
     engine = Engine(model, tok, batch_size=4)
-    alone = run(engine, [claimed(1, PROMPTS[1], temperature=1.0, seed=7)])[1].response
-    crowd = run(engine, [claimed(2, PROMPTS[2], temperature=1.0, seed=1),
+    alone = run_engine(engine, [claimed(1, PROMPTS[1], temperature=1.0, seed=7)])[1].response
+    crowd = run_engine(engine, [claimed(2, PROMPTS[2], temperature=1.0, seed=1),
                          claimed(3, PROMPTS[1], temperature=1.0, seed=7),
                          claimed(4, PROMPTS[3], temperature=0.8, seed=3)])
     assert crowd[3].response == alone
-    other = run(engine, [claimed(5, PROMPTS[1], temperature=1.0, seed=8)])[5].response
+    other = run_engine(engine, [claimed(5, PROMPTS[1], temperature=1.0, seed=8)])[5].response
     assert other != alone
 
 
 def test_too_long_prompt_fails_alone(tiny):
     model, tok = tiny
     engine = Engine(model, tok, batch_size=2, context_length=16)
-    results = run(engine, [claimed(1, "word " * 40), claimed(2, "Hello")])
+    results = run_engine(engine, [claimed(1, "word " * 40), claimed(2, "Hello")])
     assert "context window is 16" in results[1].error
     assert results[2].error is None and results[2].response is not None
 
@@ -110,11 +101,11 @@ def test_too_long_prompt_fails_alone(tiny):
 def test_a_request_that_breaks_the_batch_fails_alone(tiny):
     model, tok = tiny
     engine = Engine(fragile(model, tok), tok, batch_size=4)
-    results = run(engine, [claimed(1, PROMPTS[0]), claimed(2, "zebra zebra"),
+    results = run_engine(engine, [claimed(1, PROMPTS[0]), claimed(2, "zebra zebra"),
                            claimed(3, PROMPTS[1])])
     assert "poisoned" in results[2].error
     assert results[1].error is None and results[3].error is None
-    assert results[1].response == run(Engine(model, tok, batch_size=1),
+    assert results[1].response == run_engine(Engine(model, tok, batch_size=1),
                                       [claimed(9, PROMPTS[0])])[9].response
 
 
@@ -125,7 +116,7 @@ def test_two_requests_that_always_break_the_batch_each_fail_alone(tiny):
     engine = Engine(fragile(model, tok), tok, batch_size=4)
     batch = [claimed(1, PROMPTS[0]), claimed(2, "zebra"), claimed(3, "zebra zebra"),
              claimed(4, PROMPTS[1])]
-    results = run(engine, batch)
+    results = run_engine(engine, batch)
     assert set(results) == {1, 2, 3, 4}
     assert "poisoned" in results[2].error and "poisoned" in results[3].error
     assert results[1].error is None and results[4].error is None
@@ -135,7 +126,7 @@ def test_two_requests_that_always_break_the_batch_each_fail_alone(tiny):
 def test_a_request_longer_than_the_memory_plan_fails_alone(tiny):
     model, tok = tiny
     engine = Engine(model, tok, batch_size=2, planned_tokens=64)
-    results = run(engine, [claimed(1, "Hello", max_tokens=200), claimed(2, "Hello")])
+    results = run_engine(engine, [claimed(1, "Hello", max_tokens=200), claimed(2, "Hello")])
     assert "plus max_tokens (200) is more than the 64 tokens" in results[1].error
     assert "--max-context" in results[1].error
     assert results[2].error is None and results[2].response is not None
@@ -157,17 +148,17 @@ def test_prefix_reuse_gives_identical_greedy_output_with_less_prefill(tiny):
     model, tok = tiny
     system = "The quick brown fox jumps over the lazy dog. " * 8
     batch = [claimed(i, system + p) for i, p in enumerate(PROMPTS)]
-    plain = run(Engine(model, tok, batch_size=6), batch)
+    plain = run_engine(Engine(model, tok, batch_size=6), batch)
     prefixes = PrefixCache(model, min_tokens=16)
     engine = Engine(model, tok, batch_size=6, prefix_cache=prefixes)
-    reused = run(engine, batch)
+    reused = run_engine(engine, batch)
     for i in plain:
         assert reused[i].response == plain[i].response
         assert reused[i].cached_tokens > 40 and plain[i].cached_tokens == 0
     assert len(prefixes.entries) == 1
     # Later requests with the same prefix reuse the entry without building another.
     built = prefixes.built_tokens
-    again = run(engine, [claimed(10, system + "Another question")])
+    again = run_engine(engine, [claimed(10, system + "Another question")])
     assert again[10].cached_tokens > 40 and prefixes.built_tokens == built
 
 

@@ -151,7 +151,7 @@ def test_openai_body_settings_and_noop_fields():
         },
     })
     assert spec.params == Params(max_tokens=50, temperature=0.5, top_p=1.0, seed=0,
-                                 stop=("END", "\n"))
+                                 stop=("END", "\n"), n=1)
     assert spec.metadata == {"k": "v"}
     assert spec.model is None
 
@@ -237,7 +237,7 @@ BAD_LINES = [
     ('{"prompt": null}', "prompt must be a string, got null"),
     ('{"prompt": "x", "messages": []}', 'give "prompt" or "messages", not both'),
     ('{"prompt": "x", "model": "m"}', "unknown field 'model' (accepted: prompt, messages, "
-     "custom_id, metadata, raw, max_tokens, temperature, top_p, seed, stop, logprobs, "
+     "custom_id, metadata, raw, max_tokens, temperature, top_p, seed, stop, n, logprobs, "
      "top_logprobs, response_format)"),
     ('{"prompt": "x", "logprobs": 3}', "logprobs must be true or false, got 3 (the number of "
      "alternatives goes in top_logprobs)"),
@@ -309,8 +309,9 @@ BAD_LINES = [
     ('{"url": "/v1/completions", "body": {"prompt": ""}}', "empty prompt: body.prompt is blank"),
     ('{"url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "x"}], '
      '"tools": []}}', "body.tools is not supported by nightshift"),
-    ('{"url": "/v1/completions", "body": {"prompt": "x", "n": 2}}',
-     "body.n = 2 is not supported by nightshift (only 1 is accepted)"),
+    ('{"url": "/v1/completions", "body": {"prompt": "x", "n": 0}}',
+     "body.n must be an integer from 1 to 32, got 0"),
+    ('{"prompt": "x", "n": 33}', "n must be an integer from 1 to 32, got 33"),
     ('{"url": "/v1/completions", "body": {"prompt": "x", "stream": true}}', "body.stream = true"),
     ('{"url": "/v1/completions", "body": {"prompt": "x", "logprobs": true}}',
      "body.logprobs must be an integer from 0 to 20, got true"),

@@ -12,6 +12,8 @@ from nightshift.jobs.vocabulary import Claimed
 from nightshift.worker import decode
 from nightshift.worker.engine import Engine
 
+from tests.tiny_models import run_engine
+
 PROMPTS = ["The night shift starts", "What is the capital of France?", "Count from one to",
            "Tests find mistakes", "The sea is wide and", "Hello, world!", "One, two,"]
 
@@ -26,13 +28,6 @@ def claimed(i, text, **params):
     return Claimed(i, "job", i, "completion", text, params, None)
 
 
-def run(engine, batch):
-    results = engine.add(batch)
-    while engine.busy:
-        results += engine.step()
-    return {r.id: r for r in results}
-
-
 # Which requests ask, and how: greedy and seeded, with and without alternatives.
 ASKS = {1: {"logprobs": 0}, 2: {"logprobs": 3}, 4: {"logprobs": 5, "temperature": 0.9, "seed": 7},
         6: {"logprobs": 20}}
@@ -42,9 +37,9 @@ def test_only_the_requests_that_ask_get_logprobs_and_nobody_elses_tokens_change(
     model, tok = tiny
     params = {i: {"temperature": 0.9, "seed": 7} if i == 4 else {} for i in range(len(PROMPTS))}
     # A batch of 3 over 7 prompts: requests join and leave while others decode.
-    plain = run(Engine(model, tok, batch_size=3, prefill_batch_size=2),
+    plain = run_engine(Engine(model, tok, batch_size=3, prefill_batch_size=2),
                 [claimed(i, p, **params[i]) for i, p in enumerate(PROMPTS)])
-    asked = run(Engine(model, tok, batch_size=3, prefill_batch_size=2),
+    asked = run_engine(Engine(model, tok, batch_size=3, prefill_batch_size=2),
                 [claimed(i, p, **{**params[i], **ASKS.get(i, {})}) for i, p in enumerate(PROMPTS)])
     for i in range(len(PROMPTS)):
         assert asked[i].response == plain[i].response, i
@@ -71,7 +66,7 @@ def test_values_are_mlx_lms(tiny):
     """The chosen tokens' log-probabilities, batched, against mlx-lm's own single-
     sequence generation (its responses carry the whole vocabulary's)."""
     model, tok = tiny
-    results = run(Engine(model, tok, batch_size=3, prefill_batch_size=2),
+    results = run_engine(Engine(model, tok, batch_size=3, prefill_batch_size=2),
                   [claimed(i, p, logprobs=0) for i, p in enumerate(PROMPTS)])
     for i, p in enumerate(PROMPTS):
         theirs = list(mlx_lm.stream_generate(model, tok, tok.encode(p), max_tokens=12))
@@ -93,10 +88,10 @@ def test_greedy_rows_are_never_normalized(tiny, monkeypatch):
         return normalized(logits)
 
     monkeypatch.setattr(decode, "normalized", counting)
-    run(Engine(model, tok, batch_size=3, prefill_batch_size=2),
+    run_engine(Engine(model, tok, batch_size=3, prefill_batch_size=2),
         [claimed(i, p) for i, p in enumerate(PROMPTS)])
     assert rows == []
-    results = run(Engine(model, tok, batch_size=3, prefill_batch_size=2),
+    results = run_engine(Engine(model, tok, batch_size=3, prefill_batch_size=2),
                   [claimed(i, p, **ASKS.get(i, {})) for i, p in enumerate(PROMPTS)])
     # The first token is mlx-lm's; the step samples one token ahead of what it returns,
     # so each asking request is normalized once per token after its first, plus one.
@@ -105,9 +100,9 @@ def test_greedy_rows_are_never_normalized(tiny, monkeypatch):
 
 def test_a_stop_text_cuts_the_logprobs_with_the_answer(tiny):
     model, tok = tiny
-    free = run(Engine(model, tok, batch_size=2), [claimed(0, PROMPTS[1], logprobs=1)])[0]
+    free = run_engine(Engine(model, tok, batch_size=2), [claimed(0, PROMPTS[1], logprobs=1)])[0]
     stop = free.response[len(free.response) // 2:][:3]
-    cut = run(Engine(model, tok, batch_size=2),
+    cut = run_engine(Engine(model, tok, batch_size=2),
               [claimed(0, PROMPTS[1], logprobs=1, stop=[stop])])[0]
     assert cut.response == free.response[:free.response.find(stop)]
     kept = cut.logprobs

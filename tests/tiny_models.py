@@ -267,3 +267,13 @@ def generate_batched(
     finally:
         generator.close()
     return [(tokens[uid], reasons[uid]) for uid in uids]
+
+
+def run_engine(engine, batch) -> dict:
+    """Every request of ``batch`` through a nightshift Engine to its result, by id."""
+    results = engine.add(batch)
+    for _ in range(10_000):
+        if not engine.busy and not engine.suspects:
+            break
+        results += engine.step()
+    return {r.id: r for r in results}

@@ -8,6 +8,7 @@ comes out into a Result. It never touches the database.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -22,13 +23,22 @@ from nightshift.worker import logprobs
 from nightshift.worker.constrain import Grammars
 from nightshift.worker.decode import RowSampler, use_logits_step
 from nightshift.worker.prefill import prefill_settings
-from nightshift.worker.prefix import PrefixCache
+from nightshift.worker.prefix import PrefixCache, prefilled
 
 log = logging.getLogger("nightshift.engine")
 
 
 class RequestError(Exception):
     """A request that cannot run (too long, no chat template); it fails alone."""
+
+
+def choice_seed(seed: int | None, choice: int) -> int | None:
+    """The seed of one of a request's ``n`` samples: the request's own for the first (so
+    n=1 and the first of n agree), one derived from it for the others."""
+    if seed is None or choice == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}:{choice}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def seeded_sampler(temperature: float, top_p: float, seed: int | None):
@@ -60,6 +70,7 @@ class Live:
     detokenizer: object = None
     top_logprobs: int | None = None  # None: log-probabilities not asked for
     picked: list[logprobs.Picked] = field(default_factory=list)
+    choice: int = 0  # which of the request's n samples
 
 
 def _vocab_size(model, tokenizer) -> int:
@@ -105,6 +116,8 @@ class Engine:
         )
         use_logits_step(self.generator)  # no vocabulary log-softmax per step
         self.live: dict[int, Live] = {}
+        # Finished samples of requests with n > 1, until all n are: request id -> choices.
+        self.choices: dict[int, list[dict | None]] = {}
         # Requests that were in a batch when a step raised: rerun one at a time, so
         # the one that breaks fails alone and the others complete.
         self.suspects: list[Claimed] = []
@@ -155,34 +168,45 @@ class Engine:
             try:
                 tokens = self.encode(c)
                 spec = c.params.get("response_format")
+                n = c.params.get("n") or 1
                 ready.append((c, tokens, self._budget(c, len(tokens)),
-                              self.grammars.constraint(spec) if spec else None))
+                              [self.grammars.constraint(spec) if spec else None
+                               for _ in range(n)]))
             except Exception as exc:  # one bad request never stops the others
                 failed.append(Result(c.id, c.job_id, now, now, error=f"{exc}"))
         if not ready:
             return failed
         shared = self._shared_prefixes([tokens for _, tokens, _, _ in ready])
         prompts, budgets, samplers, stops, caches, history = [], [], [], [], [], []
-        for (c, tokens, budget, constraint), hit in zip(ready, shared):
+        lives = []
+        for (c, tokens, budget, constraints), hit in zip(ready, shared):
             p = c.params
             temperature = p.get("temperature") or 0.0
             prefix, cache = hit if hit else ([], None)
-            prompts.append(tokens[len(prefix):])
-            self.prompt_tokens_computed += len(prompts[-1])
-            caches.append(cache)
-            history.append(prefix)
-            budgets.append(budget)
-            sampler = (seeded_sampler(temperature, p.get("top_p") or 1.0, p.get("seed"))
-                       if temperature > 0 else None)
-            asks = p.get("logprobs") is not None
-            samplers.append(RowSampler(sampler, logprobs=asks, constraint=constraint)
-                            if asks or constraint else sampler)
-            stops.append(make_stop_sequences(self.tokenizer, p.get("stop") or ()))
+            if len(constraints) > 1:  # n samples: the prompt is computed once, then copied
+                prefix, cache = tokens[:-1], prefilled(self.model, tokens[:-1])
+                self.prompt_tokens_computed += len(prefix)
+            for choice, constraint in enumerate(constraints):
+                prompts.append(tokens[len(prefix):])
+                self.prompt_tokens_computed += len(prompts[-1])
+                caches.append(cache)
+                history.append(prefix)
+                budgets.append(budget)
+                sampler = (seeded_sampler(temperature, p.get("top_p") or 1.0,
+                                          choice_seed(p.get("seed"), choice))
+                           if temperature > 0 else None)
+                asks = p.get("logprobs") is not None
+                samplers.append(RowSampler(sampler, logprobs=asks, constraint=constraint)
+                                if asks or constraint else sampler)
+                stops.append(make_stop_sequences(self.tokenizer, p.get("stop") or ()))
+                lives.append(Live(c, len(tokens), len(prefix) if hit else 0,
+                                  tuple(p.get("stop") or ()), now,
+                                  top_logprobs=p.get("logprobs"), choice=choice))
+            if len(constraints) > 1:
+                self.choices[c.id] = [None] * len(constraints)
         uids = self.generator.insert(prompts, budgets, caches=caches, all_tokens=history,
                                      samplers=samplers, stop_sequences=stops)
-        for uid, (c, tokens, _, _), prefix in zip(uids, ready, history):
-            live = Live(c, len(tokens), len(prefix), tuple(c.params.get("stop") or ()), now,
-                        top_logprobs=c.params.get("logprobs"))
+        for uid, live in zip(uids, lives):
             if live.stops:
                 live.detokenizer = self.tokenizer.detokenizer
             self.live[uid] = live
@@ -244,7 +268,9 @@ class Engine:
                 reason = "stop"
             if reason is not None:
                 del self.live[r.uid]
-                finished.append(self._result(live, reason, now))
+                result = self._result(live, reason, now)
+                if result is not None:
+                    finished.append(result)
         return finished
 
     def _hit_text_stop(self, live: Live, token: int) -> bool:
@@ -255,7 +281,8 @@ class Engine:
         window = max(len(s) for s in live.stops) + 16
         return any(s in text[-window:] for s in live.stops)
 
-    def _result(self, live: Live, reason: str, now: float) -> Result:
+    def _result(self, live: Live, reason: str, now: float) -> Result | None:
+        """The request's result, or None while others of its n samples still run."""
         tokens = live.tokens
         if reason == "stop" and tokens and tokens[-1] in self.eos:
             tokens = tokens[:-1]  # the end-of-sequence token is not part of the text
@@ -263,12 +290,28 @@ class Engine:
         cut = [text.find(s) for s in live.stops if s in text]
         if cut:  # the API's meaning: end before the stop text, never include it
             text, reason = text[: min(cut)], "stop"
+        choice = {"text": text, "finish_reason": reason, "completion_tokens": len(live.tokens),
+                  "first_token_at": live.first_token_at,
+                  "logprobs": self._logprobs(live, tokens, len(text.encode()) if cut else None)}
         c = live.claimed
+        choices = [choice]
+        if c.id in self.choices:
+            choices = self.choices[c.id]
+            choices[live.choice] = choice
+            if None in choices:
+                return None
+            del self.choices[c.id]
+        first = choices[0]
         return Result(
-            c.id, c.job_id, live.started_at, now, first_token_at=live.first_token_at,
-            response=text, finish_reason=reason, prompt_tokens=live.prompt_tokens,
-            cached_tokens=live.cached_tokens, completion_tokens=len(live.tokens),
-            logprobs=self._logprobs(live, tokens, len(text.encode()) if cut else None),
+            c.id, c.job_id, live.started_at, now,
+            first_token_at=min(ch["first_token_at"] for ch in choices),
+            response=first["text"], finish_reason=first["finish_reason"],
+            prompt_tokens=live.prompt_tokens, cached_tokens=live.cached_tokens,
+            completion_tokens=sum(ch["completion_tokens"] for ch in choices),
+            logprobs=first["logprobs"],
+            choices=[{k: ch[k] for k in ("text", "finish_reason", "logprobs",
+                                         "completion_tokens")} for ch in choices]
+            if len(choices) > 1 else None,
         )
 
     def _logprobs(self, live: Live, tokens: list[int], size: int | None) -> list | None:
@@ -284,18 +327,20 @@ class Engine:
 
     def _after_failed_step(self, exc: Exception) -> list[Result]:
         now = time.time()
-        uids = list(self.live)
-        self.generator.remove(uids)
-        if len(uids) == 1:  # alone in the step (a suspect rerun alone, say): its own fault
-            live = self.live.pop(uids[0])
-            log.warning("request %s failed: %r", live.claimed.id, exc)
+        self.generator.remove(list(self.live))
+        lives = {live.claimed.id: live for live in self.live.values()}  # n samples: once
+        held = [live.claimed for live in lives.values()]
+        self.live.clear()
+        self.choices.clear()
+        if len(held) == 1:  # alone in the step (a suspect rerun alone, say): its own fault
+            live = next(iter(lives.values()))
             c = live.claimed
+            log.warning("request %s failed: %r", c.id, exc)
             return [Result(c.id, c.job_id, live.started_at, now,
                            first_token_at=live.first_token_at, error=f"generation failed: {exc}")]
         log.warning("a batch step failed (%r); rerunning its %d requests one at a time",
-                    exc, len(uids))
-        self.suspects.extend(self.live[u].claimed for u in uids)
-        self.live.clear()
+                    exc, len(held))
+        self.suspects.extend(held)
         return []
 
     def _admit_suspect(self) -> None:
@@ -308,14 +353,17 @@ class Engine:
         """Take requests out of the generator (cancelled, or put back); returns them."""
         uids = [u for u, live in self.live.items() if live.claimed.id in request_ids]
         self.generator.remove(uids)
-        out = [self.live.pop(u).claimed for u in uids]
+        out = list({c.id: c for c in (self.live.pop(u).claimed for u in uids)}.values())
+        for c in out:
+            self.choices.pop(c.id, None)
         out += [c for c in self.suspects if c.id in request_ids]
         self.suspects = [c for c in self.suspects if c.id not in request_ids]
         return out
 
     def held(self) -> list[Claimed]:
         """Every request the engine holds (live or waiting to be rerun)."""
-        return [live.claimed for live in self.live.values()] + list(self.suspects)
+        live = {live.claimed.id: live.claimed for live in self.live.values()}  # n samples: once
+        return list(live.values()) + list(self.suspects)
 
     def counters(self) -> dict:
         """What the engine did since it started, for the worker's heartbeat."""

@@ -21,6 +21,15 @@ DEFAULT_BUDGET_BYTES = 512 * 1024**2
 BUILD_CHUNK = 512
 
 
+def prefilled(model, tokens: list[int], step: int = BUILD_CHUNK) -> list:
+    """A fresh prompt cache holding ``tokens``, computed ``step`` tokens a pass."""
+    cache = make_prompt_cache(model)
+    for i in range(0, len(tokens), step):
+        model(mx.array([tokens[i : i + step]]), cache=cache)
+        mx.eval([c.state for c in cache])
+    return cache
+
+
 def common_prefix(token_lists: list[list[int]]) -> list[int]:
     """The longest prefix every list shares."""
     if not token_lists:
@@ -75,10 +84,7 @@ class PrefixCache:
         known = self.lookup(prefix + [-1])
         if len(prefix) < max(self.min_tokens, 2 * len(known[0]) if known else 0):
             return False
-        cache = make_prompt_cache(self.model)
-        for i in range(0, len(prefix), self.step):
-            self.model(mx.array([prefix[i : i + self.step]]), cache=cache)
-            mx.eval([c.state for c in cache])
+        cache = prefilled(self.model, prefix, self.step)
         self.built_tokens += len(prefix)
         self.entries[tuple(prefix)] = cache
         while len(self.entries) > 1 and self.nbytes > self.budget:
