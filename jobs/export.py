@@ -57,6 +57,13 @@ def completion_logprobs(content: list[dict]) -> dict:
             "text_offset": offsets}
 
 
+def _message(content: str, reasoning: str | None) -> dict:
+    message = {"role": "assistant", "content": content}
+    if reasoning is not None:  # a reasoning model's thinking, as OpenAI's reasoning models
+        message["reasoning_content"] = reasoning
+    return message
+
+
 def batch_record(row, job) -> dict:
     """One request as an OpenAI Batch output line (plus the "nightshift" field)."""
     extra = {
@@ -78,17 +85,19 @@ def batch_record(row, job) -> dict:
              "prompt_tokens_details": {"cached_tokens": row.cached_tokens or 0}}
     created = int(row.finished_at)
     samples = orjson.loads(row.choices) if row.choices else [
-        {"text": row.response, "finish_reason": row.finish_reason,
+        {"text": row.response, "finish_reason": row.finish_reason, "reasoning": row.reasoning,
          "logprobs": orjson.loads(row.logprobs) if row.logprobs else None}]
     if row.kind == "completion":
         choices = [{"index": i, "text": s["text"],
-                    "logprobs": s["logprobs"] and completion_logprobs(s["logprobs"]),
+                    "logprobs": None if s["logprobs"] is None
+                    else completion_logprobs(s["logprobs"]),
                     "finish_reason": s["finish_reason"]} for i, s in enumerate(samples)]
         body = {"id": f"cmpl-{job.id}-{row.seq}", "object": "text_completion",
                 "created": created, "model": job.model, "choices": choices, "usage": usage}
     else:
-        choices = [{"index": i, "message": {"role": "assistant", "content": s["text"]},
-                    "logprobs": s["logprobs"] and {"content": s["logprobs"], "refusal": None},
+        choices = [{"index": i, "message": _message(s["text"], s.get("reasoning")),
+                    "logprobs": None if s["logprobs"] is None
+                    else {"content": s["logprobs"], "refusal": None},
                     "finish_reason": s["finish_reason"]} for i, s in enumerate(samples)]
         body = {"id": f"chatcmpl-{job.id}-{row.seq}", "object": "chat.completion",
                 "created": created, "model": job.model, "choices": choices, "usage": usage}

@@ -183,11 +183,12 @@ def m005_request_losses(conn: Connection) -> None:
     _add_columns(conn, "requests", [("lost", "INTEGER NOT NULL DEFAULT 0")])
 
 
-def m006_request_logprobs_and_choices(conn: Connection) -> None:
+def m006_request_answer_parts(conn: Connection) -> None:
     """``requests.logprobs``: the answer's tokens with their log-probabilities (JSON),
-    for the requests that ask; ``requests.choices``: every sample of a request with
-    ``n`` > 1 (JSON)."""
-    _add_columns(conn, "requests", [("logprobs", "TEXT"), ("choices", "TEXT")])
+    for the requests that ask; ``requests.reasoning``: a reasoning model's thinking;
+    ``requests.choices``: every sample of a request with ``n`` > 1 (JSON)."""
+    _add_columns(conn, "requests", [("logprobs", "TEXT"), ("reasoning", "TEXT"),
+                                    ("choices", "TEXT")])
 
 
 MIGRATIONS: list[Callable[[Connection], None]] = [
@@ -196,7 +197,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     m003_worker_engine_counters,
     m004_submitting,
     m005_request_losses,
-    m006_request_logprobs_and_choices,
+    m006_request_answer_parts,
 ]
 
 

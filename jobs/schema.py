@@ -94,6 +94,7 @@ requests = Table(
     Column("error", Text),
     # JSON, for requests that asked: [{"token", "logprob", "bytes", "top_logprobs"}, ...]
     Column("logprobs", Text),
+    Column("reasoning", Text),  # a reasoning model's thinking, apart from the answer
     # JSON, for n > 1: [{"text", "finish_reason", "logprobs", "completion_tokens"}, ...]
     Column("choices", Text),
 )

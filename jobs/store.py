@@ -426,6 +426,7 @@ class Store(Reads):
                         completion_tokens=r.completion_tokens, error=r.error,
                         prompt_tps=r.prompt_tps, generation_tps=r.generation_tps,
                         logprobs=_json_or_none(r.logprobs), choices=_json_or_none(r.choices),
+                        reasoning=r.reasoning,
                     )
                 ).rowcount
                 if done:

@@ -113,8 +113,11 @@ class Result:
     # The answer's tokens, each {"token", "logprob", "bytes", "top_logprobs"} (OpenAI's
     # chat shape), where the request asked for log-probabilities.
     logprobs: list[dict] | None = None
+    # A reasoning model's thinking, apart from the answer (response).
+    reasoning: str | None = None
     # Every sample of a request with n > 1, each {"text", "finish_reason", "logprobs",
-    # "completion_tokens"}; the first is also response, finish_reason and logprobs.
+    # "reasoning", "completion_tokens"}; the first is also response, finish_reason,
+    # logprobs and reasoning.
     choices: list[dict] | None = None
 
     @property

@@ -110,3 +110,45 @@ def test_a_schema_the_library_cannot_follow_is_refused_at_submit(invoke, tmp_pat
     plain.write_text(json.dumps({"prompt": "ok"}) + "\n")
     result = invoke("submit", plain, "--schema", schema, expect=2)
     assert "cannot be followed: Invalid type: strin" in result.output
+
+
+@pytest.mark.slow
+def test_a_mixed_job_on_tiny_models_through_the_worker(invoke, tiny_model, home, tmp_path):
+    """Issue 11's mixed job through a real worker: schemas, plain lines, log-probabilities
+    and n=3 on a tiny model, and the same lines on a tiny reasoning model, whose template
+    opens a thinking section (a random model never closes it: all is reasoning)."""
+    from tests.tiny_models import build_tiny_llama
+
+    build_tiny_llama(home / "models" / "tiny-think", thinking=True)
+    score = {"type": "integer", "minimum": 0, "maximum": 9}
+    label = {"type": "object", "properties": {"label": {"enum": ["spam", "ham"]}, "score": score},
+             "required": ["label", "score"], "additionalProperties": False}
+    schema = {"type": "json_schema", "json_schema": {"name": "label", "schema": label}}
+    rows = [{"custom_id": "schema", "prompt": "Label this.", "response_format": schema},
+            {"custom_id": "plain", "prompt": "Hello"},
+            {"custom_id": "lp", "prompt": "Hello", "logprobs": True, "top_logprobs": 2},
+            {"custom_id": "n3", "prompt": "Hello", "n": 3, "temperature": 1.0, "seed": 1},
+            {"custom_id": "all", "prompt": "Label this.", "response_format": schema, "n": 2,
+             "logprobs": True, "temperature": 0.7, "seed": 2}]
+    f = tmp_path / "mixed.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    jobs = {m: json.loads(invoke("submit", f, "--json", "--model", m, "--max-tokens", "40")
+                          .output)["id"] for m in (tiny_model, "tiny-think")}
+    ran = run_worker("--drain", log_path=tmp_path / "worker.log")
+    assert ran.returncode == 0, ran.stderr
+    for model, job in jobs.items():
+        out = {r["custom_id"]: r["response"]["body"]["choices"] for r in
+               map(json.loads, invoke("export", job).output.splitlines())}
+        assert [len(out[c]) for c in ("schema", "plain", "lp", "n3", "all")] == [1, 1, 1, 3, 2]
+        # (the reasoning model's answers are empty, and so are their log-probabilities)
+        assert out["lp"][0]["logprobs"] is not None and out["plain"][0]["logprobs"] is None
+        assert all(c["logprobs"] is not None for c in out["all"])
+        for choice in out["schema"] + out["all"]:
+            if model == tiny_model:
+                jsonschema.validate(json.loads(choice["message"]["content"]), label)
+            else:  # still thinking when max_tokens ran out: no answer, and said so
+                assert choice["message"]["content"] == "" and choice["finish_reason"] == "length"
+                assert choice["message"]["reasoning_content"]
+        thinks = model != tiny_model
+        assert all(("reasoning_content" in c["message"]) == thinks
+                   for choices in out.values() for c in choices)

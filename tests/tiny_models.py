@@ -24,6 +24,10 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# A reasoning model's: the answer opens with a thinking section, as DeepSeek-R1's does.
+THINKING_TOKENS = ["<think>", "</think>"]
+REASONING_TEMPLATE = CHATML_TEMPLATE.replace("'<|im_start|>assistant\n'",
+                                             "'<|im_start|>assistant\n<think>\n'")
 
 # Enough varied English for a few hundred merges; the words only have to recur.
 _CORPUS = """\
@@ -41,7 +45,8 @@ behaviour, and they let people change code without fear. Hello, world! 012345678
 """
 
 
-def build_tokenizer(folder: str | Path, vocab_size: int = 512) -> Path:
+def build_tokenizer(folder: str | Path, vocab_size: int = 512, *,
+                    thinking: bool = False) -> Path:
     """Train a small byte-level BPE tokenizer and save it in ``folder``.
 
     Writes tokenizer.json and tokenizer_config.json (ChatML chat template, eos
@@ -70,6 +75,8 @@ def build_tokenizer(folder: str | Path, vocab_size: int = 512) -> Path:
         show_progress=False,
     )
     tokenizer.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    if thinking:
+        tokenizer.add_special_tokens(THINKING_TOKENS)
     tokenizer.save(str(folder / "tokenizer.json"))
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -77,7 +84,7 @@ def build_tokenizer(folder: str | Path, vocab_size: int = 512) -> Path:
         "eos_token": EOS_TOKEN,
         "pad_token": "<|endoftext|>",
         "unk_token": None,
-        "chat_template": CHATML_TEMPLATE,
+        "chat_template": REASONING_TEMPLATE if thinking else CHATML_TEMPLATE,
         "clean_up_tokenization_spaces": False,
         "model_max_length": 2048,
     }
@@ -91,13 +98,13 @@ def _vocab_size(folder: Path) -> int:
     return Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size()
 
 
-def _build(folder: str | Path, config: dict[str, Any]) -> Path:
+def _build(folder: str | Path, config: dict[str, Any], *, thinking: bool = False) -> Path:
     """Write tokenizer, config.json and random float32 weights for ``config``."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes
 
-    folder = build_tokenizer(folder)
+    folder = build_tokenizer(folder, thinking=thinking)
     config = {
         "vocab_size": _vocab_size(folder),
         "eos_token_id": SPECIAL_TOKENS.index(EOS_TOKEN),
@@ -113,11 +120,13 @@ def _build(folder: str | Path, config: dict[str, Any]) -> Path:
     return folder
 
 
-def build_tiny_llama(folder: str | Path, **overrides: Any) -> Path:
+def build_tiny_llama(folder: str | Path, *, thinking: bool = False, **overrides: Any) -> Path:
     """Build a tiny random Llama (hidden 64, 2 layers, GQA 4/2 heads) in ``folder``.
 
     Args:
         folder: directory to write into; created if missing.
+        thinking: a reasoning model's tokenizer: ``<think>``, ``</think>``, and a chat
+            template that opens the thinking.
         **overrides: config.json keys to change (e.g. ``num_hidden_layers=4``).
 
     Returns:
@@ -138,7 +147,7 @@ def build_tiny_llama(folder: str | Path, **overrides: Any) -> Path:
         "torch_dtype": "float32",
         **overrides,
     }
-    return _build(folder, config)
+    return _build(folder, config, thinking=thinking)
 
 
 def _block(attention: dict[str, Any], ffn: dict[str, Any]) -> dict[str, Any]:

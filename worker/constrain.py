@@ -31,8 +31,9 @@ class Grammars:
         self._llg = None
         self._compiled: dict[str, object] = {}
 
-    def constraint(self, spec: str) -> Constraint:
-        """A fresh constraint for a request with this spec.
+    def constraint(self, spec: str, gate=None) -> Constraint:
+        """A fresh constraint for a request with this spec (``gate``: a reasoning model's
+        ThinkingGate, which keeps the grammar off the thinking).
 
         Raises:
             ValueError: the grammar cannot be built for this tokenizer.
@@ -45,7 +46,8 @@ class Grammars:
             if compiled.is_error():
                 raise ValueError(f"response_format cannot be followed: {compiled.get_error()}")
             self._compiled[spec] = compiled
-        return Constraint(compiled.deep_copy(), self.vocab_size, self.tokenizer.eos_token_ids)
+        return Constraint(compiled.deep_copy(), self.vocab_size, self.tokenizer.eos_token_ids,
+                          gate)
 
     def _tokenizer(self):
         if self._llg is None:
@@ -59,8 +61,9 @@ class Grammars:
 class Constraint:
     """One request's grammar state."""
 
-    def __init__(self, matcher, vocab_size: int, eos: set[int]):
+    def __init__(self, matcher, vocab_size: int, eos: set[int], gate=None):
         self.matcher = matcher
+        self.gate = gate
         self.vocab_size = vocab_size
         self.eos = sorted(eos)
         self._bits = np.zeros((1, (vocab_size + 31) // 32), dtype=np.int32)
@@ -69,6 +72,8 @@ class Constraint:
         """``logits`` (one row) with every token the grammar forbids next at -inf."""
         from llguidance.numpy import fill_next_token_bitmask
 
+        if self.gate is not None and self.gate.inside:  # thinking: free
+            return logits
         if self.matcher.is_error():  # cannot happen with its own masks; end the answer
             allowed = np.zeros(logits.shape[-1], dtype=np.bool_)
             allowed[self.eos] = True
@@ -76,10 +81,15 @@ class Constraint:
             fill_next_token_bitmask(self.matcher, self._bits, 0)
             allowed = np.unpackbits(self._bits.view(np.uint8), bitorder="little")
             allowed = allowed[: logits.shape[-1]].astype(np.bool_)
+            opener = self.gate.open_allowed if self.gate is not None else None
+            if opener is not None:  # a reasoning model may open its thinking first
+                allowed[opener] = True
         allowed = mx.array(allowed)
         return mx.where(allowed, logits, mx.array(-mx.inf, logits.dtype))
 
     def consume(self, token: int) -> None:
         """The token the row was given."""
+        if self.gate is not None and not self.gate.consume(token):
+            return
         if not self.matcher.consume_token(token) and not self.matcher.is_stopped():
             log.warning("a constrained answer left its grammar: %s", self.matcher.get_error())

@@ -24,6 +24,7 @@ from nightshift.worker.constrain import Grammars
 from nightshift.worker.decode import RowSampler, use_logits_step
 from nightshift.worker.prefill import prefill_settings
 from nightshift.worker.prefix import PrefixCache, prefilled
+from nightshift.worker.reasoning import Thinking, ThinkingGate
 
 log = logging.getLogger("nightshift.engine")
 
@@ -71,6 +72,7 @@ class Live:
     top_logprobs: int | None = None  # None: log-probabilities not asked for
     picked: list[logprobs.Picked] = field(default_factory=list)
     choice: int = 0  # which of the request's n samples
+    opened: bool | None = None  # a reasoning model's: whether the template opened thinking
 
 
 def _vocab_size(model, tokenizer) -> int:
@@ -104,6 +106,7 @@ class Engine:
         self.eos = set(tokenizer.eos_token_ids)
         self._token_bytes = None  # built when a request first asks for log-probabilities
         self.grammars = Grammars(tokenizer, _vocab_size(model, tokenizer))
+        self.thinking = Thinking.of(tokenizer)
         # A freed slot is refilled at once, and a long prefill never stalls the decode
         # of the others for more than one bounded chunk per step.
         default_batch, default_step = prefill_settings(batch_size)
@@ -169,17 +172,19 @@ class Engine:
                 tokens = self.encode(c)
                 spec = c.params.get("response_format")
                 n = c.params.get("n") or 1
-                ready.append((c, tokens, self._budget(c, len(tokens)),
-                              [self.grammars.constraint(spec) if spec else None
-                               for _ in range(n)]))
+                opened = (self.thinking.opened_by(tokens)
+                          if self.thinking and c.kind == "chat" else None)
+                ready.append((c, tokens, self._budget(c, len(tokens)), opened,
+                              [self.grammars.constraint(spec, self._gate(opened)) if spec
+                               else None for _ in range(n)]))
             except Exception as exc:  # one bad request never stops the others
                 failed.append(Result(c.id, c.job_id, now, now, error=f"{exc}"))
         if not ready:
             return failed
-        shared = self._shared_prefixes([tokens for _, tokens, _, _ in ready])
+        shared = self._shared_prefixes([tokens for _, tokens, _, _, _ in ready])
         prompts, budgets, samplers, stops, caches, history = [], [], [], [], [], []
         lives = []
-        for (c, tokens, budget, constraints), hit in zip(ready, shared):
+        for (c, tokens, budget, opened, constraints), hit in zip(ready, shared):
             p = c.params
             temperature = p.get("temperature") or 0.0
             prefix, cache = hit if hit else ([], None)
@@ -201,7 +206,7 @@ class Engine:
                 stops.append(make_stop_sequences(self.tokenizer, p.get("stop") or ()))
                 lives.append(Live(c, len(tokens), len(prefix) if hit else 0,
                                   tuple(p.get("stop") or ()), now,
-                                  top_logprobs=p.get("logprobs"), choice=choice))
+                                  top_logprobs=p.get("logprobs"), choice=choice, opened=opened))
             if len(constraints) > 1:
                 self.choices[c.id] = [None] * len(constraints)
         uids = self.generator.insert(prompts, budgets, caches=caches, all_tokens=history,
@@ -211,6 +216,9 @@ class Engine:
                 live.detokenizer = self.tokenizer.detokenizer
             self.live[uid] = live
         return failed
+
+    def _gate(self, opened: bool | None) -> ThinkingGate | None:
+        return None if opened is None else ThinkingGate(self.thinking, opened)
 
     def _shared_prefixes(self, prompts: list[list[int]]) -> list:
         """For each prompt, (prefix, cache) of a stored shared prefix, or None."""
@@ -286,13 +294,21 @@ class Engine:
         tokens = live.tokens
         if reason == "stop" and tokens and tokens[-1] in self.eos:
             tokens = tokens[:-1]  # the end-of-sequence token is not part of the text
-        text = self.tokenizer.decode(tokens)
+        reasoning, answer = None, 0  # the answer's first token, past any thinking
+        span = self.thinking.split(tokens, live.opened) if live.opened is not None else None
+        if span:
+            thought = tokens[span[0]:span[1]]
+            if tuple(thought[-len(self.thinking.end):]) == self.thinking.end:
+                thought = thought[:-len(self.thinking.end)]
+            reasoning, answer = self.tokenizer.decode(thought).strip(), span[1]
+        text = self.tokenizer.decode(tokens[answer:])
         cut = [text.find(s) for s in live.stops if s in text]
         if cut:  # the API's meaning: end before the stop text, never include it
             text, reason = text[: min(cut)], "stop"
         choice = {"text": text, "finish_reason": reason, "completion_tokens": len(live.tokens),
-                  "first_token_at": live.first_token_at,
-                  "logprobs": self._logprobs(live, tokens, len(text.encode()) if cut else None)}
+                  "first_token_at": live.first_token_at, "reasoning": reasoning,
+                  "logprobs": self._logprobs(live, tokens, answer,
+                                             len(text.encode()) if cut else None)}
         c = live.claimed
         choices = [choice]
         if c.id in self.choices:
@@ -308,22 +324,25 @@ class Engine:
             response=first["text"], finish_reason=first["finish_reason"],
             prompt_tokens=live.prompt_tokens, cached_tokens=live.cached_tokens,
             completion_tokens=sum(ch["completion_tokens"] for ch in choices),
-            logprobs=first["logprobs"],
-            choices=[{k: ch[k] for k in ("text", "finish_reason", "logprobs",
+            logprobs=first["logprobs"], reasoning=first["reasoning"],
+            choices=[{k: ch[k] for k in ("text", "finish_reason", "logprobs", "reasoning",
                                          "completion_tokens")} for ch in choices]
             if len(choices) > 1 else None,
         )
 
-    def _logprobs(self, live: Live, tokens: list[int], size: int | None) -> list | None:
-        """The answer's tokens with their log-probabilities, if the request asked; those
-        past a stop text (``size`` bytes of text kept) are left out with it."""
+    def _logprobs(self, live: Live, tokens: list[int], answer: int,
+                  size: int | None) -> list | None:
+        """The answer's tokens (from ``answer``: past the thinking) with their
+        log-probabilities, if the request asked; those past a stop text (``size`` bytes
+        of text kept) are left out with it."""
         if live.top_logprobs is None:
             return None
         if self._token_bytes is None:
             self._token_bytes = logprobs.token_bytes(self.tokenizer)
+        tokens = tokens[answer:]
         if size is not None:
             tokens = tokens[:logprobs.tokens_within(self._token_bytes, tokens, size)]
-        return logprobs.entries(self._token_bytes, tokens, live.picked)
+        return logprobs.entries(self._token_bytes, tokens, live.picked[answer:])
 
     def _after_failed_step(self, exc: Exception) -> list[Result]:
         now = time.time()
