@@ -2,7 +2,7 @@
 
     python benchmarks/bench.py [--quick] [--json-out FILE] [--keep] [--mlx-defaults]
                                [--wait-quiet SECONDS] [--blas-threads N]
-                               [--skip A,D,E,roofline,ingest]
+                               [--skip A,D,E,F,roofline,ingest]
 
 Full run: 64 chat prompts of varied length (generated here, deterministically), 64 new
 tokens each, greedy, on the default model (smollm2), in about 8 minutes on 2 CPU cores.
@@ -21,6 +21,10 @@ B. mlx-lm's own ``batch_generate`` on every prompt at once, loaded as the worker
    settings.
 C. nightshift end to end: ``nightshift submit``, then a real ``nightshift worker --drain``
    process; figures read back from the database it wrote (requests and workers tables).
+F. structured output: extraction prompts through ``worker --drain``, once held to a JSON
+   Schema (``submit --schema``) and once free, the same prompts and budget: generated
+   tok/s side by side (the cost of the grammar's mask each token), and how many
+   constrained answers parse and validate.
 E. llama.cpp one prompt after another: ``llama-cpp-python`` (the ``bench`` extra; ``make
    bench`` installs it) on the very GGUF file the default model was pulled from, the
    same prompt tokens as A-C (handed over as tokens, so the chat template and the count
@@ -775,7 +779,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true",
                         help="Keep the temporary NIGHTSHIFT_HOME and logs (path printed).")
     parser.add_argument("--skip", default="",
-                        help="Comma-separated parts to skip: A,D,E,roofline,ingest.")
+                        help="Comma-separated parts to skip: A,D,E,F,roofline,ingest.")
     parser.add_argument("--mlx-defaults", action="store_true",
                         help="Also run B with mlx-lm's own prefill settings (B0: 8 prompts at a "
                         "time, 2048-token chunks), to see what the worker's schedule changes "
@@ -971,12 +975,64 @@ def run(results: dict, sizes: Sizes, skip: set[str], home: Path, work: Path,
         d["differing"] = differ
         results["D"] = d
 
+    # -- F: structured output, with and without a schema -------------------------------------
+    if "F" not in skip:
+        results["F"] = structured_part(sizes, store, home, work, batch_flag, clock)
+
     # -- ingest, status, export -------------------------------------------------------------
     if "ingest" not in skip:
         results["ingest"] = ingest(sizes, work, home, c_job, clock)
 
     store.close()
     summarize(results)
+
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "city"],
+          "properties": {"name": {"type": "string", "maxLength": 40},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 130},
+                         "city": {"type": "string", "maxLength": 40}}}
+_NAMES = ["Maria", "Kenji", "Amara", "Tomasz", "Lucia", "Omar", "Ingrid", "Ravi", "Chloe",
+          "Diego", "Hana", "Samuel", "Yuki", "Noor", "Pavel", "Ines"]
+_CITIES = ["Lyon", "Osaka", "Lagos", "Krakow", "Valencia", "Cairo", "Bergen", "Pune", "Quebec",
+           "Lima", "Brno", "Accra", "Sapporo", "Doha", "Tartu", "Porto"]
+
+
+def structured_part(sizes: Sizes, store, home: Path, work: Path, batch_flag: tuple,
+                    clock: Clock) -> dict:
+    """F: the same extraction prompts with and without ``submit --schema``."""
+    n = sizes.prompts // 2
+    rows = [{"custom_id": f"p{i}", "prompt": f"{_NAMES[i % 16]} is {20 + (7 * i) % 60} years "
+             f"old and lives in {_CITIES[(3 * i) % 16]}. Extract the person as JSON."}
+            for i in range(n)]
+    path, schema = work / "extract.jsonl", work / "person.json"
+    write_jsonl(path, rows)
+    schema.write_text(json.dumps(PERSON))
+    budget = max(sizes.max_tokens, 48)  # room for the object, in quick mode too
+    f, answers = {"prompts": n, "max_tokens": budget}, {}
+    for label, flags in (("schema", ("--schema", schema)), ("free", ())):
+        clock.begin(f"F-{label}", f"F: {n} extraction prompts, "
+                    + ("held to a JSON Schema" if flags else "free") + " ...")
+        _, job = submit(home, work, f"bench-f-{label}", path, "--max-tokens", budget, *flags)
+        ran, _ = run_worker(home, work, f"worker-f-{label}", *batch_flag)
+        figures = job_figures(store, job)
+        answers[label] = figures.pop("responses")
+        f[label] = {**figures, "job": job, "process_wall_s": ran.wall_s}
+    f["valid"] = sum(validates(text or "", PERSON) for text in answers["schema"].values())
+    f["tps_ratio"] = ratio(f["schema"]["gen_tps"], f["free"]["gen_tps"])
+    return f
+
+
+def validates(text: str, schema: dict) -> bool:
+    """Whether ``text`` is JSON that follows ``schema`` (jsonschema, the test extra)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return False
+    try:
+        import jsonschema
+    except ImportError:  # parsing is all that can be checked
+        return True
+    return jsonschema.Draft202012Validator(schema).is_valid(value)
 
 
 def llama_cpp_part(data: dict, texts, pulled: dict, tokenizer, rows: list[dict],
@@ -1071,6 +1127,7 @@ def _mb(v):
 def summarize(res: dict) -> None:
     a, b, b0, c, d, e, roof, ing = (res.get(k) for k in ("A", "B", "B0", "C", "D", "E",
                                                          "roofline", "ingest"))
+    f = res.get("F")
     e_skipped = e and e.get("skipped")
     if e_skipped:
         e = None
@@ -1199,6 +1256,18 @@ def summarize(res: dict) -> None:
             + (f" (differ: {', '.join(d['differing'][:10])})" if d["differing"] else ""))
         ratios["d_prefill_ratio"] = d["prefill_ratio"]
         ratios["d_wall_ratio"] = d["wall_ratio"]
+    if f:
+        s, fr = f["schema"], f["free"]
+        say()
+        say(f"F structured output: {f['prompts']} extraction prompts, {f['max_tokens']} new "
+            "tokens at most, the same prompts with submit --schema and without")
+        say(f"{'':<28}{'--schema':>18}{'free':>20}{'schema/free':>14}")
+        for label, key, fmt in (("generated tokens", "generated", "{:.0f}"),
+                                ("serving wall (s)", "window_s", "{:.1f}"),
+                                ("generated tok/s", "gen_tps", "{:.1f}")):
+            say(f"{label:<28}{_f(s[key], fmt):>18}{_f(fr[key], fmt):>20}"
+                f"{_f(ratio(s[key], fr[key]), '{:.2f}x'):>14}")
+        say(f"constrained answers that parse and validate: {f['valid']}/{f['prompts']}")
     if ing:
         say()
         say(f"ingest: {ing['lines']:,} lines ({ing['file_bytes'] / 1e6:.0f} MB) in "

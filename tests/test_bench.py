@@ -49,3 +49,6 @@ def test_quick_benchmark(tmp_path):
     assert figures["ratios"]["roofline_share"] > 0, figures["ratios"]
     if "D" in figures:
         assert figures["D"]["identical_outputs"], figures["D"]["differing"]
+    structured = figures["F"]
+    assert structured["valid"] == structured["prompts"], structured
+    assert structured["schema"]["gen_tps"] > 0 and structured["free"]["gen_tps"] > 0
