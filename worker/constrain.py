@@ -14,12 +14,15 @@ one batch never share a state, whoever joins or leaves.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
 import mlx.core as mx
 import numpy as np
 from nightshift.jobs import response_format
 
 log = logging.getLogger("nightshift.engine")
+
+MAX_COMPILED = 256  # schemas kept compiled, least recently used dropped first
 
 
 class Grammars:
@@ -29,7 +32,7 @@ class Grammars:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size  # the width of the model's logits
         self._llg = None
-        self._compiled: dict[str, object] = {}
+        self._compiled: OrderedDict[str, object] = OrderedDict()
 
     def constraint(self, spec: str, gate=None) -> Constraint:
         """A fresh constraint for a request with this spec (``gate``: a reasoning model's
@@ -46,6 +49,9 @@ class Grammars:
             if compiled.is_error():
                 raise ValueError(f"response_format cannot be followed: {compiled.get_error()}")
             self._compiled[spec] = compiled
+            if len(self._compiled) > MAX_COMPILED:
+                self._compiled.popitem(last=False)
+        self._compiled.move_to_end(spec)
         return Constraint(compiled.deep_copy(), self.vocab_size, self.tokenizer.eos_token_ids,
                           gate)
 
