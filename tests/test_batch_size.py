@@ -17,12 +17,17 @@ def tiny(tiny_llama_dir):
     return mlx_lm.load(str(tiny_llama_dir))
 
 
-def test_measure_batch_size_on_the_tiny_model(tiny):
+def test_measure_batch_size_on_the_tiny_model(tiny, caplog):
     model, tokenizer = tiny
-    best, curve = batch_size.measure_batch_size(model, tokenizer, candidates=(2, 4, 8),
-                                                prompt_len=16, new_tokens=4)
+    with caplog.at_level("INFO", logger=batch_size.log.name):
+        best, curve = batch_size.measure_batch_size(model, tokenizer, candidates=(2, 4, 8),
+                                                    prompt_len=16, new_tokens=4)
     assert best in curve and set(curve) <= {2, 4, 8}
     assert all(rate > 0 for rate in curve.values())
+    # Progress as it goes: the first start of a worker waits on this.
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("measuring the batch size, once for this model and machine")
+    assert [line.split(":")[0].strip() for line in lines[1:]] == [f"batch {b}" for b in curve]
 
 
 def test_measure_batch_size_skips_what_does_not_fit(tiny):

@@ -93,8 +93,12 @@ def measure_batch_size(
     _decode_rate(model, prefix_cache, ids[-1], min(sizes), 2)  # warm-up: first calls allocate
     curve: dict[int, float] = {}
     start = time.perf_counter()
-    for batch in sizes:
+    log.info("measuring the batch size, once for this model and machine: %s sequences",
+             ", ".join(map(str, sizes)))
+    for n, batch in enumerate(sizes, 1):
         curve[batch] = _decode_rate(model, prefix_cache, ids[-1], batch, new_tokens)
+        log.info("  batch %d: %.0f tok/s (%d of %d, %.0f s)", batch, curve[batch], n,
+                 len(sizes), time.perf_counter() - start)
         # Throughput is single-peaked in the batch size: past a clear drop, larger
         # batches only cost time.
         if curve[batch] < 0.8 * max(curve.values()):
