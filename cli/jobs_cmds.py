@@ -59,10 +59,13 @@ def _warn(warning: str | None) -> None:
               type=click.IntRange(settings.PRIORITY_MIN, settings.PRIORITY_MAX),
               help="Higher runs first.")
 @click.option("--at", "at", help='Do not start before this time: "02:00" or ISO 8601.')
+@click.option("--notify", "notify_command", metavar="COMMAND",
+              help="A shell command to run when the job ends (done, failed or cancelled), "
+              "with NIGHTSHIFT_JOB_ID, _STATE, _DONE, _FAILED... in its environment.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @output.json_option
 def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, system,
-               schema_file, raw, priority, at, quiet, as_json):
+               schema_file, raw, priority, at, notify_command, quiet, as_json):
     """Queue a JSONL file of prompts as one job; prints the job id.
 
     Each non-blank line is one request: {"prompt": "..."}, {"messages": [...]}, or an
@@ -88,7 +91,7 @@ def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, sy
         raise click.BadParameter(str(exc), param_hint="--at") from None
     options = JobOptions(
         model=model, name=name, system=system, raw=raw, priority=priority,
-        not_before=not_before,
+        not_before=not_before, notify=notify_command or None,
         params=Params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                       stop=tuple(stop) or None,
                       response_format=_schema(schema_file) if schema_file else None),
@@ -163,9 +166,13 @@ def status_cmd(job, limit, as_json):
 @output.json_option
 def cancel_cmd(job, as_json):
     """Stop a job's unstarted requests from running; finished results stay."""
+    from nightshift.jobs import notify
     from nightshift.jobs.store import Store
 
-    n = Store().cancel(job)
+    store = Store()
+    n = store.cancel(job)
+    if notify.sweep(store):  # a job that ends here tells its --notify command at once
+        notify.wait()
     if as_json:
         output.print_json({"id": job, "cancelled": n})
     else:

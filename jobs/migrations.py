@@ -191,6 +191,12 @@ def m006_request_answer_parts(conn: Connection) -> None:
                                     ("choices", "TEXT")])
 
 
+def m007_job_notify(conn: Connection) -> None:
+    """``jobs.notify``, ``jobs.notified_at``: ``submit --notify``'s command, run once the
+    job has ended."""
+    _add_columns(conn, "jobs", [("notify", "TEXT"), ("notified_at", "FLOAT")])
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     m001_initial,
     m002_job_counts,
@@ -198,6 +204,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     m004_submitting,
     m005_request_losses,
     m006_request_answer_parts,
+    m007_job_notify,
 ]
 
 

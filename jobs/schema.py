@@ -54,6 +54,10 @@ jobs = Table(
     Column("created_at", Float, nullable=False),
     Column("cancelled_at", Float),
     Column("peak_memory", BigInteger),  # the worker's peak bytes while serving it
+    # submit --notify: a shell command to run once the job has ended, and when it was
+    # handed to a process to run (once, whichever process sees the end first).
+    Column("notify", Text),
+    Column("notified_at", Float),
     # Running totals over done requests, kept by the same transaction that stores
     # each result, so status of a million-request job needs no scan.
     Column("started_at", Float),

@@ -22,7 +22,7 @@ import orjson
 from nightshift.jobs import hosts, migrations, schema, settings
 from nightshift.jobs.errors import ConfigError, NightshiftError, job_not_found
 from nightshift.jobs.formats import Params, RequestSpec
-from nightshift.jobs.reads import Reads, db_now_sql
+from nightshift.jobs.reads import JobSummary, Reads, db_now_sql
 from nightshift.jobs.schema import jobs, model_switches, requests, workers
 from nightshift.jobs.vocabulary import (
     CANCELLED,
@@ -174,6 +174,7 @@ class Store(Reads):
         source: str | None = None,
         priority: int = 0,
         not_before: float | None = None,
+        notify: str | None = None,
     ) -> tuple[str, int]:
         """Store a job and all its requests, whole or not at all; returns (id, count).
 
@@ -193,7 +194,7 @@ class Store(Reads):
             NightshiftError: the partial job was taken as abandoned and removed meanwhile.
         """
         job = {"id": self._unused_job_id(), "name": name, "model": "", "source": source,
-               "priority": priority, "not_before": not_before,
+               "priority": priority, "not_before": not_before, "notify": notify,
                "defaults": json.dumps(defaults), "total": 0, "created_at": time.time(),
                "prompt_tokens": 0, "completion_tokens": 0, "submitter": submitter_identity()}
         count = 0
@@ -528,6 +529,21 @@ class Store(Reads):
                                                    .where(jobs.c.model == model)),
                              error=error, started_at=now, finished_at=now))
 
+    @_retrying
+    def claim_notifications(self) -> list[tuple[JobSummary, str]]:
+        """Ended jobs whose ``--notify`` command has not run, each with its command,
+        marked as handed out: one caller gets each, whatever else is looking."""
+        ended = (jobs.c.notify.is_not(None), jobs.c.notified_at.is_(None),
+                 jobs.c.submitter.is_(None), jobs.c.total > 0,
+                 jobs.c[count_column(QUEUED)] == 0, jobs.c[count_column(RUNNING)] == 0)
+        claimed = []
+        with self.write() as conn:
+            for row in conn.execute(select(jobs).where(*ended)).all():
+                if conn.execute(jobs.update().where(jobs.c.id == row.id, *ended)
+                                .values(notified_at=time.time())).rowcount:
+                    claimed.append((JobSummary.from_row(row._mapping), row.notify))
+        return claimed
+
     # -- user commands ----------------------------------------------------------
 
     @_retrying
@@ -548,7 +564,9 @@ class Store(Reads):
         """Queue a job's failed requests again, with their losses forgiven; returns how many."""
         with self.write() as conn:
             _lock_whole_job(conn, job_id)
-            conn.execute(jobs.update().where(jobs.c.id == job_id).values(cancelled_at=None))
+            # Ended again later: --notify runs again then.
+            conn.execute(jobs.update().where(jobs.c.id == job_id)
+                         .values(cancelled_at=None, notified_at=None))
             return len(_move(conn, FAILED, QUEUED, requests.c.job_id == job_id,
                              jobs_locked=True, error=None, worker_id=None, response=None,
                              finish_reason=None, started_at=None, first_token_at=None,

@@ -35,6 +35,7 @@ class JobOptions:
     raw: bool = False
     priority: int = 0
     not_before: float | None = None
+    notify: str | None = None  # a shell command run when the job ends (jobs/notify.py)
 
     def defaults(self) -> dict:
         base = Params(max_tokens=settings.DEFAULT_MAX_TOKENS,
@@ -188,6 +189,7 @@ def submit(
             source=source,
             priority=options.priority,
             not_before=options.not_before,
+            notify=options.notify,
         )
 
 

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from huey.consumer import Consumer, ConsumerStopped
-from nightshift.jobs import settings
+from nightshift.jobs import notify, settings
 from nightshift.jobs.errors import NightshiftError, ResourceError
 from nightshift.jobs.store import Store, worker_identity
 from nightshift.jobs.vocabulary import Chunk, Recovered, Result, WorkerState
@@ -284,6 +284,15 @@ class Worker:
             self._beat(state=WorkerState.STOPPED, stopped_at=time.time())
         except Exception:  # the database may be what failed; the exit says so
             log.exception("could not record that worker %s stopped", self.id)
+        self._notify()
+        notify.wait()  # their outcome in this worker's log
+
+    def _notify(self) -> None:
+        """Run the --notify commands of jobs that have ended (never fatal)."""
+        try:
+            notify.sweep(self.store)
+        except Exception:
+            log.exception("could not run --notify commands")
 
     # -- Huey's worker thread --------------------------------------------------------
 
@@ -602,6 +611,7 @@ class Worker:
                 self._beat()
             except Exception:  # a missed heartbeat is not worth stopping the work for
                 log.exception("heartbeat failed")
+            self._notify()
 
     def _beat(self, **values) -> None:
         engine = self.engine
