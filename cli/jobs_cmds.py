@@ -144,18 +144,27 @@ def _size(f) -> int | None:
 @click.command("status")
 @click.argument("job", required=False)
 @click.option("--limit", type=int, default=20, show_default=True, help="Jobs to list.")
+@click.option("--watch", "-w", is_flag=True,
+              help="Keep showing progress, refreshed in place (Ctrl-C stops; with JOB, "
+              "stops when it ends). Plain lines when not on a terminal.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              help="Seconds between refreshes of --watch.")
 @output.json_option
-def status_cmd(job, limit, as_json):
+def status_cmd(job, limit, watch, interval, as_json):
     """Show workers and jobs, or one JOB in detail.
 
     It says plainly whether a worker is running and which model it serves: a job
     queued with no worker running is the classic overnight failure.
     """
-    from nightshift.cli.status_view import job_detail, overview
+    from nightshift.cli.status_view import job_detail, overview, watch_progress
     from nightshift.jobs.database import open_reads
 
     reads = open_reads()
-    if job:
+    if watch:
+        if as_json:
+            raise click.UsageError("--watch shows progress for people; --json is for scripts")
+        watch_progress(reads, job, limit, interval)
+    elif job:
         job_detail(reads, job, as_json)
     else:
         overview(reads, limit, as_json)

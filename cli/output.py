@@ -7,6 +7,7 @@ import sys
 import time
 
 import click
+from nightshift.jobs.reads import duration
 
 
 def json_option(fn):
@@ -43,15 +44,6 @@ def table(columns: list[str], rows: list[list], title: str | None = None) -> Non
     for row in rows:
         t.add_row(*map(cell, row))
     console().print(t)
-
-
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def size(n: int | None) -> str:

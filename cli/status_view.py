@@ -151,4 +151,81 @@ def _secs(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f} s"
 
 
-__all__ = ["overview", "job_detail"]
+__all__ = ["overview", "job_detail", "watch_progress"]
+
+
+ENDED = ("done", "failed", "cancelled")
+
+
+def watch_progress(store: Reads, job_id: str | None, limit: int, interval: float) -> None:
+    """``status --watch``: a live view refreshed in place on a terminal, until Ctrl-C (or
+    until JOB ends); elsewhere (a log, a pipe) one plain line per job each interval."""
+    import sys
+    import time
+
+    live_view = sys.stdout.isatty()
+    shown = None
+    try:
+        if live_view:
+            from rich.live import Live
+
+            with Live(_frame(store, job_id, limit), console=output.console(),
+                      auto_refresh=False) as live:
+                while not _ended(store, job_id):
+                    time.sleep(interval)
+                    live.update(_frame(store, job_id, limit), refresh=True)
+            return
+        while True:
+            jobs = _watched(store, job_id, limit)
+            lines = [j.progress_line() for j in jobs] or ["no job in progress"]
+            if lines != shown:  # a log gains a line when something moved, not every tick
+                stamp = time.strftime("%H:%M:%S")
+                for line in lines:
+                    output.echo(f"{stamp} {line}")
+                sys.stdout.flush()
+                shown = lines
+            if job_id and jobs[0].state in ENDED:
+                return
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C ends the watch; the last frame stays on the screen
+
+
+def _watched(store: Reads, job_id: str | None, limit: int) -> list:
+    if job_id:
+        return [store.job(job_id)]
+    return [j for j in store.list_jobs(limit) if j.state not in ENDED]
+
+
+def _ended(store: Reads, job_id: str | None) -> bool:
+    return bool(job_id) and store.job(job_id).state in ENDED
+
+
+def _frame(store: Reads, job_id: str | None, limit: int):
+    """What the terminal shows: the workers, then a progress bar per job."""
+    import time
+
+    from rich.console import Group
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    from rich.text import Text
+
+    live = store.live_workers()
+    head = [Text(output.printable(
+        f"worker {w.id}: {w.state}, model {w.model or '-'}, batch {w.batch_size or '-'}"))
+        for w in live] or [Text("No worker is running (start one: nightshift worker)")]
+    jobs = [store.job(job_id)] if job_id else store.list_jobs(limit)
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("JOB", "NAME", "STATE", "PROGRESS", "", "FAILED", "TOK/S", "ETA"):
+        table.add_column(column)
+    for j in jobs:
+        finished = j.counts.get(DONE, 0) + j.counts.get(FAILED, 0) + j.counts.get(CANCELLED, 0)
+        table.add_row(Text(j.id), Text(output.printable(j.name or "")), Text(j.state),
+                      ProgressBar(total=max(j.total, 1), completed=finished, width=24),
+                      Text(f"{j.counts.get(DONE, 0):,}/{j.total:,}"),
+                      Text(str(j.counts.get(FAILED, 0) or "")),
+                      Text(output.rate(j.tokens_per_second)),
+                      Text(output.duration(j.eta_seconds)))
+    stamp = Text(time.strftime("%H:%M:%S") + (" (Ctrl-C to stop watching)" if not job_id
+                                             else ""), style="dim")
+    return Group(*head, Text(), table, stamp)

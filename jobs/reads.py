@@ -38,6 +38,16 @@ from nightshift.jobs.vocabulary import (
 WHOLE = "submitter IS NULL"
 
 
+def duration(seconds: float | None) -> str:
+    """Seconds for people: "45s", "3m07s", "2h05m"; "-" for None."""
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
 @dataclass
 class JobSummary:
     """A job and its progress, as `status` shows it."""
@@ -104,6 +114,17 @@ class JobSummary:
         if not self.remaining or not finished or not wall:
             return None
         return self.remaining * wall / finished
+
+    def progress_line(self) -> str:
+        """One line: ``job 1a2b (nightly): running, 4,500/10,000 done, 3 failed, 45.2 tok/s,
+        ETA 1h02m`` (the worker's log and ``status --watch`` off a terminal)."""
+        finished = self.counts.get(DONE, 0)
+        failed = self.counts.get(FAILED, 0)
+        rate = self.tokens_per_second
+        return (f"job {self.id}{f' ({self.name})' if self.name else ''}: {self.state}, "
+                f"{finished:,}/{self.total:,} done" + (f", {failed:,} failed" if failed else "")
+                + (f", {rate:.1f} tok/s" if rate else "")
+                + (f", ETA {duration(self.eta_seconds)}" if self.eta_seconds else ""))
 
     def to_json(self) -> dict:
         return {

@@ -43,6 +43,9 @@ SWEEP_SECONDS = 1.0  # how often an idle worker looks in the database for lost w
 # started (another host's worker whose heartbeat went stale, say).
 RECOVER_SECONDS = 10.0
 CANCEL_POLL_SECONDS = 1.0
+# The log gets a line on the jobs in progress this often (the newest PROGRESS_JOBS).
+PROGRESS_SECONDS = 60.0
+PROGRESS_JOBS = 10
 IDLE_WAIT_SECONDS = 0.2
 # A model that failed to load is not tried again for this long (a memory shortage
 # may pass; a broken folder may be mended), so the worker serves the others meanwhile.
@@ -606,12 +609,27 @@ class Worker:
     # -- heartbeat thread -------------------------------------------------------------
 
     def _heartbeat(self) -> None:
+        last_progress = time.monotonic()
         while not self.finished.wait(settings.HEARTBEAT_SECONDS):
             try:
                 self._beat()
             except Exception:  # a missed heartbeat is not worth stopping the work for
                 log.exception("heartbeat failed")
             self._notify()
+            if time.monotonic() - last_progress >= PROGRESS_SECONDS:
+                last_progress = time.monotonic()
+                self._log_progress()
+
+    def _log_progress(self) -> None:
+        """One line a minute on the jobs in progress, for whoever reads the log."""
+        try:
+            active = [j for j in self.store.list_jobs(PROGRESS_JOBS)
+                      if j.remaining and j.started_at]
+        except Exception:
+            log.exception("could not read the jobs' progress")
+            return
+        if active:
+            log.info("progress: %s", "; ".join(j.progress_line() for j in active))
 
     def _beat(self, **values) -> None:
         engine = self.engine
