@@ -236,3 +236,27 @@ def export_cmd(job, fmt, out, force, raw_cells):
     if out:
         output.echo(f"wrote {n} records to {out} in {time.perf_counter() - start:.1f} s",
                     err=True)
+
+
+@click.command("report")
+@click.argument("jobs", nargs=-1, required=True)
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False),
+              help="The HTML file to write [default: report-JOB.html].")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def report_cmd(jobs, out, force):
+    """Write one self-contained HTML page of figures and plots for JOB (several JOBs:
+    compared side by side). It opens in any browser, offline.
+
+    \b
+    nightshift report JOB
+    nightshift report JOB1 JOB2 -o compare.html
+    """
+    from nightshift.jobs.database import open_reads
+    from nightshift.jobs.export import write_file
+    from nightshift.jobs.report import collect, render
+
+    reads = open_reads()
+    data = [collect(reads, job) for job in jobs]  # NotFound before anything is written
+    out = out or f"report-{'-'.join(jobs)}.html"
+    write_file(out, [render(data).encode()], force=force)
+    output.echo(f"wrote {out}", err=True)

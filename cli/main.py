@@ -67,6 +67,7 @@ def cli():
 from nightshift.cli import jobs_cmds, models_cmds, worker_cmd  # noqa: E402
 
 for command in (jobs_cmds.submit_cmd, jobs_cmds.status_cmd, jobs_cmds.cancel_cmd,
-                jobs_cmds.retry_cmd, jobs_cmds.export_cmd, worker_cmd.worker_cmd,
+                jobs_cmds.retry_cmd, jobs_cmds.export_cmd, jobs_cmds.report_cmd,
+                worker_cmd.worker_cmd,
                 models_cmds.models):
     cli.add_command(command)

@@ -12,7 +12,7 @@ import os
 import secrets
 import stat
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -179,13 +179,21 @@ def export(store: Reads, job_id: str, fmt: str, out: str | None, *, force: bool 
             count += 1
         sink.flush()
         return count
+    return write_file(out, rows, force=force, header=header)
+
+
+def write_file(out: str, chunks: Iterable[bytes], *, force: bool = False,
+               header: bytes = b"") -> int:
+    """Write ``header`` and ``chunks`` to ``out`` atomically, never over a file unless
+    forced; returns how many chunks. Raises NightshiftError as ``export`` says."""
     path = Path(out)
     fd, tmp = _open_temporary(path, force)
+    count = 0
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(header)
-            for record in rows:
-                f.write(record)
+            for chunk in chunks:
+                f.write(chunk)
                 count += 1
         os.replace(tmp, path)
     except BaseException:
