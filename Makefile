@@ -10,7 +10,7 @@ export NIGHTSHIFT_HOME ?= $(CURDIR)/data
 # to add on macOS (Metal). Choose by hand with `make setup BACKEND=cpu`.
 BACKEND ?= $(shell [ "$$(uname)" = Linux ] && { nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu; })
 comma := ,
-EXTRAS := $(if $(BACKEND),$(BACKEND)$(comma))test,redis,postgres
+EXTRAS := $(if $(BACKEND),$(BACKEND)$(comma))test,redis,postgres,serve
 
 $(BIN)/nightshift: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -41,8 +41,9 @@ def _warn(warning: str | None) -> None:
 
 @click.command("submit")
 @click.argument("file", type=click.Path(allow_dash=True, dir_okay=False))
-@click.option("--model", "-m", help="Model: a registry name, a model folder or an org/name "
-              f"repo id [default: the lines' body.model, else {settings.DEFAULT_MODEL}].")
+@click.option("--model", "-m", help="Model: a registry name, an alias, a model folder or an "
+              f"org/name repo id [default: the lines' body.model, else "
+              f"{settings.DEFAULT_MODEL}].")
 @click.option("--name", help="A name for the job, shown by status.")
 @click.option("--max-tokens", type=int, help=f"Tokens to generate at most "
               f"[default {settings.DEFAULT_MAX_TOKENS}].")
@@ -51,6 +52,12 @@ def _warn(warning: str | None) -> None:
 @click.option("--seed", type=int, help="Makes sampling reproducible, request by request.")
 @click.option("--stop", multiple=True, help="Stop text (repeatable); the answer ends before it.")
 @click.option("--system", help="System prompt for chat requests that have none.")
+@click.option("--template", metavar="TEXT",
+              help="FILE is a table (CSV, TSV, Parquet, or JSONL objects of columns): each row "
+              "is a request whose prompt is TEXT with each {column} filled from the row; "
+              "{{ and }} are literal braces. The row's columns come back in the export.")
+@click.option("--id-column", metavar="COLUMN",
+              help="With --template: the column whose values are the requests' custom ids.")
 @click.option("--schema", "schema_file", type=click.Path(dir_okay=False),
               help="A JSON Schema file every answer must follow (a line's own "
               "response_format wins).")
@@ -64,7 +71,8 @@ def _warn(warning: str | None) -> None:
               "with NIGHTSHIFT_JOB_ID, _STATE, _DONE, _FAILED... in its environment.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @output.json_option
-def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, system,
+def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, system, template,
+               id_column,
                schema_file, raw, priority, at, notify_command, quiet, as_json):
     """Queue a JSONL file of prompts as one job; prints the job id.
 
@@ -72,15 +80,19 @@ def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, sy
     OpenAI Batch API line. The whole file is checked first: if any line is bad, every
     bad line is reported as FILE:LINE: reason and nothing is queued.
 
+    With --template, FILE is a table and each row is a request (CSV and TSV with a
+    header row, Parquet, or JSONL objects of columns); a bad row is FILE:ROW: reason.
+
     \b
     nightshift submit questions.jsonl --max-tokens 512 --at 02:00
     cat batch.jsonl | nightshift submit - --model smollm2 --json
+    nightshift submit reviews.csv --template 'Summarise in one sentence: {text}' --id-column id
     """
     from nightshift.jobs.errors import InputError
     from nightshift.jobs.formats import Params
     from nightshift.jobs.store import Store
     from nightshift.jobs.submit import JobOptions, parse_at
-    from nightshift.worker import registry
+    from nightshift.worker import aliases
     from nightshift.worker.dispatch import submit
     from nightshift.worker.queue import check_url
     from rich.progress import wrap_file
@@ -89,8 +101,10 @@ def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, sy
         not_before = parse_at(at) if at else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--at") from None
+    _check_template(template, id_column)
     options = JobOptions(
         model=model, name=name, system=system, raw=raw, priority=priority,
+        template=template, id_column=id_column,
         not_before=not_before, notify=notify_command or None,
         params=Params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                       stop=tuple(stop) or None,
@@ -101,7 +115,7 @@ def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, sy
     check_url()  # a queue URL that cannot work with what is installed: before storing
     try:
         if file == "-":
-            done = submit(store, sys.stdin.buffer, source, options, registry.reference)
+            done = submit(store, sys.stdin.buffer, source, options, aliases.reference)
         else:
             try:
                 f = open(file, "rb")
@@ -111,7 +125,7 @@ def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, sy
                 stream = f
                 if not output.quiet_unless_tty(quiet or as_json):
                     stream = wrap_file(f, total=_size(f), description="checking and storing")
-                done = submit(store, stream, source, options, registry.reference)
+                done = submit(store, stream, source, options, aliases.reference)
     except InputError as exc:
         for problem in exc.problems:
             click.echo(output.printable(problem), err=True)
@@ -130,6 +144,21 @@ def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, sy
     when = f", not before {output.when(not_before)}" if not_before else ""
     click.echo(f"{'stored' if done.warning else 'queued'} {done.requests} requests as job "
                f"{done.job_id}{when}", err=True)
+
+
+def _check_template(template: str | None, id_column: str | None) -> None:
+    """``--template`` and ``--id-column``, checked before anything is read."""
+    from nightshift.jobs.tables import Template, TemplateError
+
+    if template is None:
+        if id_column is not None:
+            raise click.UsageError("--id-column names a column of a table: give --template too")
+        return
+    try:
+        Template.parse(template)
+    except TemplateError as exc:
+        raise click.BadParameter(str(exc).removeprefix("--template: "),
+                                 param_hint="--template") from None
 
 
 def _size(f) -> int | None:
@@ -210,7 +239,8 @@ def retry_cmd(job, as_json):
 @click.command("export")
 @click.argument("job")
 @click.option("--format", "fmt", type=click.Choice(sorted(FORMATS)), default="jsonl",
-              show_default=True, help="jsonl: OpenAI Batch output lines; csv: a flat table.")
+              show_default=True, help="jsonl: OpenAI Batch output lines; csv: a flat table; "
+              "parquet: the same table, typed, for pandas, polars or DuckDB.")
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False),
               help="Write to this file (atomically) instead of stdout.")
 @click.option("--force", is_flag=True, help="Overwrite an existing -o file.")
@@ -223,6 +253,7 @@ def export_cmd(job, fmt, out, force, raw_cells):
     \b
     nightshift export JOB -o results.jsonl
     nightshift export JOB --format csv > results.csv
+    nightshift export JOB --format parquet -o results.parquet
     """
     from nightshift.jobs.database import open_reads
     from nightshift.jobs.export import export

@@ -64,10 +64,10 @@ def cli():
 
 # The commands live in their own modules and import nothing from here; each is added
 # once, below, so the command tree reads in one place.
-from nightshift.cli import jobs_cmds, models_cmds, worker_cmd  # noqa: E402
+from nightshift.cli import jobs_cmds, models_cmds, serve, worker_cmd  # noqa: E402
 
 for command in (jobs_cmds.submit_cmd, jobs_cmds.status_cmd, jobs_cmds.cancel_cmd,
                 jobs_cmds.retry_cmd, jobs_cmds.export_cmd, jobs_cmds.report_cmd,
-                worker_cmd.worker_cmd,
+                worker_cmd.worker_cmd, serve.serve_cmd,
                 models_cmds.models):
     cli.add_command(command)

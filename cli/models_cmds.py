@@ -9,7 +9,7 @@ from nightshift.worker.convert import BITS, GROUP_SIZES, RECIPES
 
 @click.group("models")
 def models():
-    """List, pull, import, convert and remove local models."""
+    """List, pull, import, convert, alias and remove local models."""
 
 
 @models.command("list")
@@ -111,3 +111,49 @@ def rm_cmd(name):
 
     registry.remove(name)
     output.echo(f"removed {name}")
+
+
+@models.command("alias")
+@click.argument("name", required=False)
+@click.argument("model", required=False)
+@output.json_option
+def alias_cmd(name, model, as_json):
+    """Give a model another name, or list the aliases (no arguments).
+
+    A job's model (a line's body.model, submit --model) may be an alias: a file written
+    for OpenAI runs as it is. The job records the model the alias names.
+
+    \b
+    nightshift models alias gpt-4o-mini smollm2
+    nightshift models alias                   # list them
+    nightshift models unalias gpt-4o-mini
+    """
+    from nightshift.worker import aliases
+
+    if name is None:
+        table = aliases.aliases()
+        if as_json:
+            output.print_json(table)
+        elif not table:
+            click.echo("No aliases yet: nightshift models alias gpt-4o-mini smollm2")
+        else:
+            output.table(["ALIAS", "MODEL"], [[a, m] for a, m in table.items()])
+        return
+    if model is None:
+        raise click.UsageError("give the model the alias names: nightshift models alias "
+                               "NAME MODEL (no arguments lists the aliases)")
+    target = aliases.set_alias(name, model)
+    if as_json:
+        output.print_json({"alias": name, "model": target})
+    else:
+        output.echo(f"{name} -> {target}")
+
+
+@models.command("unalias")
+@click.argument("name")
+def unalias_cmd(name):
+    """Remove an alias (the model stays)."""
+    from nightshift.worker import aliases
+
+    model = aliases.remove_alias(name)
+    output.echo(f"removed alias {name} (of {model})")

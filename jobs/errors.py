@@ -35,5 +35,19 @@ class ResourceError(NightshiftError):
     """The machine cannot hold what was asked (memory, disk)."""
 
 
+class InvalidRequest(NightshiftError):
+    """A request to `nightshift serve` that cannot be honoured as asked; ``param`` names
+    the parameter at fault and ``code`` is OpenAI's error code, where there are such."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class UploadTooLarge(InvalidRequest):
+    """An upload over `nightshift serve --max-upload-mb`."""
+
+
 def job_not_found(job_id: str) -> NotFound:
     return NotFound(f"no job {job_id!r} (nightshift status lists the jobs)")

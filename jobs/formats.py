@@ -146,7 +146,7 @@ _NO_PARAMS = Params()
 class RequestSpec:
     """One request read from a file, checked and normalised."""
 
-    line_no: int  # 1-based physical line in the file
+    line_no: int  # 1-based physical line in the file (a table's row: jobs/tables.py)
     custom_id: str | None
     kind: str  # "chat" or "completion" (raw text, no chat template)
     messages: list[dict[str, str]] | None  # [{"role", "content": str}] for chat
@@ -154,6 +154,8 @@ class RequestSpec:
     params: Params  # the overrides given on this line only
     metadata: dict[str, Any] | None
     model: str | None  # body.model of an OpenAI batch line, if given
+    # A table row's columns, as the JSON object requests.input_row keeps (jobs/tables.py).
+    row: str | None = None
 
 
 # --- value checks: each returns the normalised value or raises _Reject -------------------

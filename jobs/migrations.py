@@ -197,6 +197,51 @@ def m007_job_notify(conn: Connection) -> None:
     _add_columns(conn, "jobs", [("notify", "TEXT"), ("notified_at", "FLOAT")])
 
 
+def m008_files_and_batches(conn: Connection) -> None:
+    """``files`` and ``batches``: what `nightshift serve` keeps of uploaded files and of
+    the batches created over HTTP (their jobs are ordinary jobs)."""
+    from sqlalchemy import BigInteger, Column, Float, Index, MetaData, String, Table, Text
+
+    metadata = MetaData()
+    files = Table(
+        "files",
+        metadata,
+        Column("id", String(64), primary_key=True),
+        Column("purpose", String(32), nullable=False),
+        Column("filename", Text, nullable=False),
+        Column("bytes", BigInteger, nullable=False),
+        Column("created_at", Float, nullable=False),
+        Column("status", String(16), nullable=False),
+        Column("status_details", Text),
+        Column("checked", Text),
+    )
+    Index("files_created", files.c.created_at, files.c.id)
+    batches = Table(
+        "batches",
+        metadata,
+        Column("id", String(64), primary_key=True),
+        Column("job_id", String(32)),
+        Column("input_file_id", String(64), nullable=False),
+        Column("endpoint", String(64), nullable=False),
+        Column("completion_window", String(16), nullable=False),
+        Column("metadata", Text),
+        Column("created_at", Float, nullable=False),
+        Column("in_progress_at", Float),
+        Column("failed_at", Float),
+        Column("errors", Text),
+    )
+    Index("batches_job", batches.c.job_id, unique=True)
+    Index("batches_created", batches.c.created_at, batches.c.id)
+    metadata.create_all(conn)
+
+
+def m009_table_input(conn: Connection) -> None:
+    """``jobs.input_columns``, ``requests.input_row``: a table's columns with their types,
+    and each row's values (``submit --template``), given back by the export."""
+    _add_columns(conn, "jobs", [("input_columns", "TEXT")])
+    _add_columns(conn, "requests", [("input_row", "TEXT")])
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     m001_initial,
     m002_job_counts,
@@ -205,6 +250,8 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     m005_request_losses,
     m006_request_answer_parts,
     m007_job_notify,
+    m008_files_and_batches,
+    m009_table_input,
 ]
 
 

@@ -179,6 +179,15 @@ class Reads:
             raise job_not_found(job_id)
         return JobSummary.from_row(rows[0])
 
+    def input_columns(self, job_id: str) -> str | None:
+        """A table job's columns with their types (``jobs.input_columns``, JSON: see
+        jobs/tables.py); None for a job of request lines."""
+        rows = self._rows(f"SELECT input_columns FROM jobs WHERE id = :id AND {WHOLE}",
+                          {"id": job_id})
+        if not rows:
+            raise job_not_found(job_id)
+        return rows[0]["input_columns"]
+
     def list_jobs(self, limit: int | None = None) -> list[JobSummary]:
         """Jobs, newest first."""
         sql = f"SELECT * FROM jobs WHERE {WHOLE} ORDER BY created_at DESC"
@@ -210,18 +219,20 @@ class Reads:
                           {"job": job_id, "k": offset})
         return rows[0]["t"] if rows else None
 
-    def iter_requests(self, job_id: str, page: int = 1000) -> Iterator[SimpleNamespace]:
-        """Every request row of a job in input order (its columns as attributes), read
-        in pages: constant memory for any size of job.
+    def iter_requests(self, job_id: str, page: int = 1000,
+                      columns: tuple[str, ...] | None = None) -> Iterator[SimpleNamespace]:
+        """Every request row of a job in input order (its columns as attributes, or only
+        ``columns`` and ``seq``), read in pages: constant memory for any size of job.
 
         Raises:
             NotFound: no such job.
         """
         self.job(job_id)
+        what = "*" if columns is None else ", ".join(dict.fromkeys(("seq", *columns)))
         last = -1
         while True:
-            rows = self._rows("SELECT * FROM requests WHERE job_id = :job AND seq > :last "
-                              "ORDER BY seq LIMIT :page",
+            rows = self._rows(f"SELECT {what} FROM requests WHERE job_id = :job AND "
+                              "seq > :last ORDER BY seq LIMIT :page",
                               {"job": job_id, "last": last, "page": page})
             if not rows:
                 return

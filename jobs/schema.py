@@ -58,6 +58,9 @@ jobs = Table(
     # handed to a process to run (once, whichever process sees the end first).
     Column("notify", Text),
     Column("notified_at", Float),
+    # submit --template: the table's columns, a JSON list of {"name", "type"} in the
+    # file's order (jobs/tables.py); NULL for a job of request lines.
+    Column("input_columns", Text),
     # Running totals over done requests, kept by the same transaction that stores
     # each result, so status of a million-request job needs no scan.
     Column("started_at", Float),
@@ -101,6 +104,8 @@ requests = Table(
     Column("reasoning", Text),  # a reasoning model's thinking, apart from the answer
     # JSON, for n > 1: [{"text", "finish_reason", "logprobs", "completion_tokens"}, ...]
     Column("choices", Text),
+    # JSON object: a table row's columns (jobs/tables.py), kept for export.
+    Column("input_row", Text),
 )
 Index("requests_job_seq", requests.c.job_id, requests.c.seq, unique=True)
 Index("requests_job_status", requests.c.job_id, requests.c.status)
@@ -156,3 +161,43 @@ migrations = Table(
     Column("name", String(128), primary_key=True),
     Column("applied_at", Float, nullable=False),
 )
+
+# `nightshift serve` (the OpenAI Files and Batches API; jobs/files.py, jobs/batches.py).
+# An uploaded file: its bytes live in HOME/files/ID.jsonl; the row says what it is and
+# what checking it found. Output and error files are made from a job's requests when
+# read, and have no row.
+files = Table(
+    "files",
+    metadata,
+    Column("id", String(64), primary_key=True),  # file-<24 hex>
+    Column("purpose", String(32), nullable=False),
+    Column("filename", Text, nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("status", String(16), nullable=False),  # processed | error (bad lines)
+    Column("status_details", Text),
+    # JSON: requests, bad lines (the first as errors), and each kind and model's first
+    # line: what a batch checks against its endpoint and the installed models.
+    Column("checked", Text),
+)
+Index("files_created", files.c.created_at, files.c.id)
+
+# A batch created over HTTP. Its job (named by the batch's id) holds its requests and
+# results; a batch whose file failed the checks has none, only its errors. A job
+# submitted from the command line shows as a batch with no row here.
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", String(64), primary_key=True),  # batch_<16 hex>
+    Column("job_id", String(32)),  # NULL while validating, and for a failed batch
+    Column("input_file_id", String(64), nullable=False),
+    Column("endpoint", String(64), nullable=False),
+    Column("completion_window", String(16), nullable=False),
+    Column("metadata", Text),  # JSON object, strings to strings
+    Column("created_at", Float, nullable=False),
+    Column("in_progress_at", Float),
+    Column("failed_at", Float),
+    Column("errors", Text),  # JSON list of {code, line, message, param}
+)
+Index("batches_job", batches.c.job_id, unique=True)
+Index("batches_created", batches.c.created_at, batches.c.id)

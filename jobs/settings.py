@@ -15,6 +15,7 @@ HOME_ENV = "NIGHTSHIFT_HOME"
 DATABASE_URL_ENV = "NIGHTSHIFT_DATABASE_URL"
 QUEUE_URL_ENV = "NIGHTSHIFT_QUEUE_URL"
 MODEL_ENV = "NIGHTSHIFT_MODEL"
+API_KEY_ENV = "NIGHTSHIFT_API_KEY"  # nightshift serve --api-key
 
 DEFAULT_HOME = "./data"
 DEFAULT_MODEL = "smollm2"
@@ -42,6 +43,13 @@ SUBMIT_STALE_SECONDS = 3600.0
 # datetime, which the queue schedules with, ends in year 9999; a day short of that, so
 # no time zone's local time of it does.
 LATEST_START = 253_402_214_400.0
+# nightshift serve: loopback only unless given another --host (and then an API key).
+SERVE_HOST = "127.0.0.1"
+SERVE_PORT = 8000
+# The largest upload it takes, in MB (10^6 bytes): OpenAI's limit for a batch's input file.
+MAX_UPLOAD_MB = 200
+# The shortest API key a server reachable from other machines accepts.
+MIN_API_KEY_CHARS = 16
 
 
 def home() -> Path:

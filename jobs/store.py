@@ -175,6 +175,7 @@ class Store(Reads):
         priority: int = 0,
         not_before: float | None = None,
         notify: str | None = None,
+        input_columns: str | Callable[[], str | None] | None = None,
     ) -> tuple[str, int]:
         """Store a job and all its requests, whole or not at all; returns (id, count).
 
@@ -188,7 +189,9 @@ class Store(Reads):
         last line when some were bad; or an interrupt), or ``model`` does, the rows
         stored are removed, in short transactions too, and the exception goes on.
         ``model`` may be a callable, asked once every line was read (the lines may name
-        it). Rows left by a killed process are removed by ``remove_abandoned_jobs``.
+        it); so may ``input_columns`` (a table's columns, ``jobs.input_columns``: a JSONL
+        table's types are known once every row was read). Rows left by a killed process
+        are removed by ``remove_abandoned_jobs``.
 
         Raises:
             NightshiftError: the partial job was taken as abandoned and removed meanwhile.
@@ -211,6 +214,8 @@ class Store(Reads):
                     batch = []
             if callable(model):
                 model = model()
+            if callable(input_columns):
+                input_columns = input_columns()
             first, begun = not begun, True
             with self._storing(job, first) as conn:
                 if batch:
@@ -219,7 +224,7 @@ class Store(Reads):
                 conn.execute(
                     jobs.update().where(jobs.c.id == job["id"])
                     .values(total=count, model=model, submitter=None, submit_touched_at=None,
-                            **{count_column(QUEUED): count})
+                            input_columns=input_columns, **{count_column(QUEUED): count})
                 )
         except BaseException:
             if begun:
@@ -673,7 +678,7 @@ def _make_engine(url: str) -> Engine:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         for pragma in SQLITE_PRAGMAS:
-            cur.execute(f"PRAGMA {pragma}")
+            _sqlite_pragma(cur, pragma)
         cur.close()
 
     @event.listens_for(engine, "begin")
@@ -683,8 +688,24 @@ def _make_engine(url: str) -> Engine:
     return engine
 
 
+def _sqlite_pragma(cur, pragma: str) -> None:
+    """Run a PRAGMA; the switch to WAL of a new file can meet another process's first
+    open and fail "database is locked" at once, without the busy timeout: retried."""
+    import sqlite3
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            cur.execute(f"PRAGMA {pragma}")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 _REQUEST_COLUMNS = ("job_id", "seq", "line_no", "custom_id", "kind", "body", "params",
-                    "metadata", "status", "attempts")
+                    "metadata", "status", "attempts", "input_row")
 _NO_PARAMS = Params()
 
 
@@ -709,7 +730,7 @@ def _request_row(job_id: str, seq: int, spec) -> tuple:
         job_id, seq, spec.line_no, spec.custom_id, spec.kind, orjson.dumps(body).decode(),
         orjson.dumps(params).decode() if params else None,
         orjson.dumps(spec.metadata).decode() if spec.metadata is not None else None,
-        QUEUED, 0,
+        QUEUED, 0, spec.row,
     )
 
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
 
-from nightshift.jobs import settings
+from nightshift.jobs import settings, tables
 from nightshift.jobs.errors import InputError
 from nightshift.jobs.formats import LineError, Params, RequestSpec, iter_requests, validate_params
 
@@ -36,6 +36,10 @@ class JobOptions:
     priority: int = 0
     not_before: float | None = None
     notify: str | None = None  # a shell command run when the job ends (jobs/notify.py)
+    # --template: the file is a table, each row a request (jobs/tables.py); --id-column
+    # names its column of custom ids.
+    template: str | None = None
+    id_column: str | None = None
 
     def defaults(self) -> dict:
         base = Params(max_tokens=settings.DEFAULT_MAX_TOKENS,
@@ -170,27 +174,57 @@ def submit(
     ``model_reference`` turns the model a user named into what the job stores (a
     folder as an absolute path: see ``nightshift.worker.registry.reference``), None if unknown.
 
+    With ``options.template`` the file is a table (CSV, TSV, Parquet or JSONL objects of
+    columns, see ``nightshift.jobs.tables``): each row is a request, its prompt the
+    template filled from its columns, and its columns are kept for the export.
+
     Partial jobs left by submits that were killed are removed first.
 
     Raises:
-        InputError: bad lines (``FILE:LINE: reason``), an empty file or an unknown
-            model. Nothing is stored then.
+        InputError: bad lines (``FILE:LINE: reason``), an empty file, an unknown model,
+            or a table given without a template. Nothing is stored then.
+        TemplateError: a template that cannot be used (``tables.Template.parse``).
     """
     validate_params(options.params, "job settings")
+    template = None if options.template is None else tables.Template.parse(options.template)
+    if template is None:
+        if options.id_column is not None:
+            raise tables.TemplateError("--id-column names a column of a table: it goes with "
+                                       "--template")
+        fmt = tables.format_of_name(source)
+        if fmt in ("csv", "tsv", "parquet"):
+            raise InputError([f"{source}: a {fmt.upper()} file is a table: give --template "
+                              "'... {column} ...' to make each row a prompt (README: From a "
+                              "table to answers)"])
     store.remove_abandoned_jobs()
     chooser = _ModelFromLines(source, options.model)
     with _read_at_disk_speed(stream) as stream:
-        specs = chooser.check(iter_requests(stream, source, raw_default=options.raw))
+        columns = None
+        if template is None:
+            specs = iter_requests(stream, source, raw_default=options.raw)
+        else:
+            fmt = tables.format_of_name(source) or tables.table_format(source, _peek(stream))
+            table = tables.TableRequests(stream, source, fmt, template,
+                                         id_column=options.id_column, raw=options.raw)
+            specs, columns = iter(table), table.columns_json
         return store.create_job(
             model=lambda: chooser.model(model_reference),
             defaults=options.defaults(),
-            specs=_Problems(source).good(specs),
+            specs=_Problems(source).good(chooser.check(specs)),
             name=options.name,
             source=source,
             priority=options.priority,
             not_before=options.not_before,
             notify=options.notify,
+            input_columns=columns,
         )
+
+
+def _peek(stream: BinaryIO) -> bytes:
+    """The first bytes of a stream that ``_read_at_disk_speed`` made seekable."""
+    head = stream.read(4096)
+    stream.seek(0)
+    return head
 
 
 @contextmanager

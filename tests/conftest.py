@@ -89,6 +89,15 @@ def smollm2(home, smollm2_dir) -> str:
     return settings.DEFAULT_MODEL
 
 
+@pytest.fixture
+def fake_model(home) -> str:
+    """A registry entry that submit accepts; nothing here loads it."""
+    folder = home / "models" / "fake"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    return "fake"
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     from tests.tiny_models import build_tiny_llama

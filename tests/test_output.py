@@ -23,12 +23,8 @@ HOSTILE_NAME = "[/bold] [red]x\x1b[2J\u202e"
 
 
 @pytest.fixture
-def model(home) -> str:
-    """A registry entry that submit accepts; nothing here loads it."""
-    folder = home / "models" / "fake"
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text("{}")
-    return "fake"
+def model(fake_model) -> str:
+    return fake_model
 
 
 def make_job(store: Store, rows: list[dict], **options) -> str:
