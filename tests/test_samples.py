@@ -77,3 +77,17 @@ def test_a_cancelled_request_takes_all_its_samples(tiny):
     assert [c.id for c in engine.held()] == [0, 1]
     assert [c.id for c in engine.remove({0})] == [0]
     assert [c.id for c in engine.held()] == [1] and engine.choices == {}
+
+
+def test_samples_do_not_count_a_shared_prefix_they_computed_again(tiny):
+    """n samples prefill their whole prompt once (not from a shared prefix's cache), so
+    none of it is reported as cached."""
+    from nightshift.worker.prefix import PrefixCache
+
+    model, tok = tiny
+    system = "The quick brown fox jumps over the lazy dog. " * 8
+    batch = [Claimed(i, "job", i, "completion", system + p, {"max_tokens": 4, **extra}, None)
+             for i, (p, extra) in enumerate([(PROMPTS[0], {}), (PROMPTS[1], {"n": 2})])]
+    results = run_engine(Engine(model, tok, batch_size=4,
+                                prefix_cache=PrefixCache(model, min_tokens=16)), batch)
+    assert results[0].cached_tokens > 40 and results[1].cached_tokens == 0

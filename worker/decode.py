@@ -117,14 +117,15 @@ class LogitsGenerationBatch(GenerationBatch):
         inputs = self._current_tokens
         logits = self.model(inputs[:, None], cache=self.prompt_cache)[:, -1, :]
         constrained = [(e, c) for e, c in enumerate(map(constraint_of, self.samplers)) if c]
+        given = None
         if constrained:  # each grammar learns its row's token before it masks the next
-            tokens = inputs.tolist()
+            given = inputs.tolist()
             for e, c in constrained:
-                c.consume(tokens[e])
+                c.consume(given[e])
         self._next_tokens, self._next_logprobs = sample(logits, self.samplers)
         mx.async_eval(self._next_tokens, [lp for lp in self._next_logprobs if lp is not None])
         mx.eval(inputs, [lp for lp in current if lp is not None])
-        inputs = inputs.tolist()
+        inputs = given if given is not None else inputs.tolist()
         for tokens, token in zip(self.tokens, inputs):
             tokens.append(token)
         return inputs, current

@@ -188,9 +188,11 @@ class Engine:
             p = c.params
             temperature = p.get("temperature") or 0.0
             prefix, cache = hit if hit else ([], None)
+            cached = len(prefix)  # taken from a shared prefix's cache
             if len(constraints) > 1:  # n samples: the prompt is computed once, then copied
                 prefix, cache = tokens[:-1], prefilled(self.model, tokens[:-1])
                 self.prompt_tokens_computed += len(prefix)
+                cached = 0
             for choice, constraint in enumerate(constraints):
                 prompts.append(tokens[len(prefix):])
                 self.prompt_tokens_computed += len(prompts[-1])
@@ -204,7 +206,7 @@ class Engine:
                 samplers.append(RowSampler(sampler, logprobs=asks, constraint=constraint)
                                 if asks or constraint else sampler)
                 stops.append(make_stop_sequences(self.tokenizer, p.get("stop") or ()))
-                lives.append(Live(c, len(tokens), len(prefix) if hit else 0,
+                lives.append(Live(c, len(tokens), cached,
                                   tuple(p.get("stop") or ()), now,
                                   top_logprobs=p.get("logprobs"), choice=choice, opened=opened))
             if len(constraints) > 1:
