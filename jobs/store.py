@@ -541,6 +541,10 @@ class Store(Reads):
         ended = (jobs.c.notify.is_not(None), jobs.c.notified_at.is_(None),
                  jobs.c.submitter.is_(None), jobs.c.total > 0,
                  jobs.c[count_column(QUEUED)] == 0, jobs.c[count_column(RUNNING)] == 0)
+        # Every worker asks at each heartbeat: a read, and the write lock only for an end.
+        with self.read() as conn:
+            if conn.execute(select(jobs.c.id).where(*ended).limit(1)).first() is None:
+                return []
         claimed = []
         with self.write() as conn:
             for row in conn.execute(select(jobs).where(*ended)).all():
