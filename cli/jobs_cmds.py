@@ -66,6 +66,9 @@ def _warn(warning: str | None) -> None:
               type=click.IntRange(settings.PRIORITY_MIN, settings.PRIORITY_MAX),
               help="Higher runs first.")
 @click.option("--at", "at", help='Do not start before this time: "02:00" or ISO 8601.')
+@click.option("--deadline", metavar="WHEN",
+              help='Requests not finished by then are expired, not run: a duration ("8h", '
+              '"1h30m") or a time ("07:00", ISO 8601). Finished answers stay.')
 @click.option("--notify", "notify_command", metavar="COMMAND",
               help="A shell command to run when the job ends (done, failed or cancelled), "
               "with NIGHTSHIFT_JOB_ID, _STATE, _DONE, _FAILED... in its environment.")
@@ -73,7 +76,7 @@ def _warn(warning: str | None) -> None:
 @output.json_option
 def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, system, template,
                id_column,
-               schema_file, raw, priority, at, notify_command, quiet, as_json):
+               schema_file, raw, priority, at, deadline, notify_command, quiet, as_json):
     """Queue a JSONL file of prompts as one job; prints the job id.
 
     Each non-blank line is one request: {"prompt": "..."}, {"messages": [...]}, or an
@@ -84,14 +87,14 @@ def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, sy
     header row, Parquet, or JSONL objects of columns); a bad row is FILE:ROW: reason.
 
     \b
-    nightshift submit questions.jsonl --max-tokens 512 --at 02:00
+    nightshift submit questions.jsonl --max-tokens 512 --at 02:00 --deadline 07:00
     cat batch.jsonl | nightshift submit - --model smollm2 --json
     nightshift submit reviews.csv --template 'Summarise in one sentence: {text}' --id-column id
     """
     from nightshift.jobs.errors import InputError
     from nightshift.jobs.formats import Params
     from nightshift.jobs.store import Store
-    from nightshift.jobs.submit import JobOptions, parse_at
+    from nightshift.jobs.submit import JobOptions, parse_at, parse_deadline
     from nightshift.worker import aliases
     from nightshift.worker.dispatch import submit
     from nightshift.worker.queue import check_url
@@ -101,11 +104,19 @@ def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, sy
         not_before = parse_at(at) if at else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--at") from None
+    try:
+        until = parse_deadline(deadline) if deadline else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--deadline") from None
+    if until is not None and not_before is not None and until <= not_before:
+        raise click.BadParameter(f"{output.when(until)} is not after --at "
+                                 f"{output.when(not_before)}: nothing could run",
+                                 param_hint="--deadline")
     _check_template(template, id_column)
     options = JobOptions(
         model=model, name=name, system=system, raw=raw, priority=priority,
         template=template, id_column=id_column,
-        not_before=not_before, notify=notify_command or None,
+        not_before=not_before, deadline=until, notify=notify_command or None,
         params=Params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                       stop=tuple(stop) or None,
                       response_format=_schema(schema_file) if schema_file else None),
@@ -138,10 +149,12 @@ def submit_cmd(file, model, name, max_tokens, temperature, top_p, seed, stop, sy
     if as_json:
         output.print_json({"id": done.job_id, "requests": done.requests,
                            "queue_tasks": done.queue_tasks, "not_before": not_before,
+                           "deadline": until,
                            "warning": done.warning})
         return
     click.echo(done.job_id)
     when = f", not before {output.when(not_before)}" if not_before else ""
+    when += f", deadline {output.when(until)}" if until else ""
     click.echo(f"{'stored' if done.warning else 'queued'} {done.requests} requests as job "
                f"{done.job_id}{when}", err=True)
 

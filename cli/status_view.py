@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from nightshift.cli import output
 from nightshift.jobs.reads import Reads
-from nightshift.jobs.vocabulary import CANCELLED, DONE, FAILED, QUEUED, RUNNING
+from nightshift.jobs.vocabulary import CANCELLED, DONE, EXPIRED, FAILED, QUEUED, RUNNING
 
 
 def _worker_json(w) -> dict:
@@ -127,10 +127,12 @@ def job_detail(store: Reads, job_id: str, as_json: bool) -> None:
         ("state", job.state),
         ("requests", f"{job.total}: {c.get(DONE, 0)} done, {c.get(FAILED, 0)} failed, "
                      f"{c.get(RUNNING, 0)} running, {c.get(QUEUED, 0)} queued, "
-                     f"{c.get(CANCELLED, 0)} cancelled"),
+                     f"{c.get(CANCELLED, 0)} cancelled"
+                     + (f", {c[EXPIRED]} expired" if c.get(EXPIRED) else "")),
         ("priority", job.priority),
         ("created", output.when(job.created_at)),
         ("not before", output.when(job.not_before)),
+        ("deadline", output.when(job.deadline)),
         ("started", output.when(job.started_at)),
         ("finished", output.when(job.finished_at) if job.remaining == 0 else "-"),
         ("wall time", output.duration(job.wall_seconds)),
@@ -154,7 +156,7 @@ def _secs(v: float | None) -> str:
 __all__ = ["overview", "job_detail", "watch_progress"]
 
 
-ENDED = ("done", "failed", "cancelled")
+ENDED = ("done", "failed", "cancelled", "expired")
 
 
 def watch_progress(store: Reads, job_id: str | None, limit: int, interval: float) -> None:
@@ -219,7 +221,7 @@ def _frame(store: Reads, job_id: str | None, limit: int):
     for column in ("JOB", "NAME", "STATE", "PROGRESS", "", "FAILED", "TOK/S", "ETA"):
         table.add_column(column)
     for j in jobs:
-        finished = j.counts.get(DONE, 0) + j.counts.get(FAILED, 0) + j.counts.get(CANCELLED, 0)
+        finished = j.total - j.remaining
         table.add_row(Text(j.id), Text(output.printable(j.name or "")), Text(j.state),
                       ProgressBar(total=max(j.total, 1), completed=finished, width=24),
                       Text(f"{j.counts.get(DONE, 0):,}/{j.total:,}"),

@@ -93,8 +93,8 @@ def batch_record(row, job) -> dict:
     record = {"id": f"batch_req_{job.id}_{row.seq}", "custom_id": row.custom_id,
               "response": None, "error": None, "nightshift": extra}
     if row.status != DONE:
-        code = {"failed": "request_failed", "cancelled": "cancelled"}.get(row.status,
-                                                                         "not_finished")
+        code = {"failed": "request_failed", "cancelled": "cancelled",
+                "expired": "batch_expired"}.get(row.status, "not_finished")
         message = row.error or f"the request is {row.status}"
         record["error"] = {"code": code, "message": message}
         return record

@@ -242,6 +242,16 @@ def m009_table_input(conn: Connection) -> None:
     _add_columns(conn, "requests", [("input_row", "TEXT")])
 
 
+def m010_deadlines(conn: Connection) -> None:
+    """``jobs.deadline``, ``jobs.expired_at`` and the count of expired requests
+    (``jobs.n_expired``): `submit --deadline` and a batch's ``completion_window``."""
+    from sqlalchemy import BigInteger
+
+    counter = f"{BigInteger().compile(dialect=conn.dialect)} NOT NULL DEFAULT 0"
+    _add_columns(conn, "jobs", [("deadline", "FLOAT"), ("expired_at", "FLOAT"),
+                                ("n_expired", counter)])
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     m001_initial,
     m002_job_counts,
@@ -252,6 +262,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     m007_job_notify,
     m008_files_and_batches,
     m009_table_input,
+    m010_deadlines,
 ]
 
 

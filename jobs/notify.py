@@ -16,7 +16,7 @@ import threading
 import time
 
 from nightshift.jobs.reads import JobSummary
-from nightshift.jobs.vocabulary import CANCELLED, DONE, FAILED
+from nightshift.jobs.vocabulary import CANCELLED, DONE, EXPIRED, FAILED
 
 log = logging.getLogger("nightshift.notify")
 
@@ -35,11 +35,16 @@ def environment(job: JobSummary) -> dict[str, str]:
         "NIGHTSHIFT_JOB_DONE": str(job.counts.get(DONE, 0)),
         "NIGHTSHIFT_JOB_FAILED": str(job.counts.get(FAILED, 0)),
         "NIGHTSHIFT_JOB_CANCELLED": str(job.counts.get(CANCELLED, 0)),
+        "NIGHTSHIFT_JOB_EXPIRED": str(job.counts.get(EXPIRED, 0)),
     }
 
 
 def sweep(store) -> int:
-    """Run the commands of the jobs that ended since the last sweep; returns how many."""
+    """Expire the queued requests of jobs past their deadline (``Store.expire``), then
+    run the commands of the jobs that ended since the last sweep; returns how many.
+    Each part is a read when there is nothing to do."""
+    for job_id, n in store.expire().items():
+        log.info("job %s: its deadline passed; expired %d queued requests", job_id, n)
     claimed = store.claim_notifications()
     for job, command in claimed:
         run(command, job)

@@ -25,6 +25,7 @@ from nightshift.jobs.hosts import host_id, pid_alive
 from nightshift.jobs.vocabulary import (
     DONE,
     DONE_TTFT_WHERE,
+    EXPIRED,
     FAILED,
     QUEUED,
     RUNNING,
@@ -66,6 +67,8 @@ class JobSummary:
     completion_tokens: int
     peak_memory: int | None
     counts: dict[str, int] = field(default_factory=dict)  # statuses with requests only
+    deadline: float | None = None  # submit --deadline
+    expired_at: float | None = None
 
     @classmethod
     def from_row(cls, row) -> JobSummary:
@@ -77,6 +80,7 @@ class JobSummary:
             finished_at=row["finished_at"], prompt_tokens=row["prompt_tokens"] or 0,
             completion_tokens=row["completion_tokens"] or 0, peak_memory=row["peak_memory"],
             counts={s: int(row[count_column(s)]) for s in STATUSES if row[count_column(s)]},
+            deadline=row["deadline"], expired_at=row["expired_at"],
         )
 
     @property
@@ -90,6 +94,8 @@ class JobSummary:
         if self.remaining == 0:
             if self.cancelled_at:
                 return "cancelled"
+            if self.counts.get(EXPIRED):
+                return "expired"
             return "failed" if self.counts.get(FAILED) == self.total else "done"
         if self.not_before and self.not_before > time.time():
             return "scheduled"
@@ -119,10 +125,11 @@ class JobSummary:
         """One line: ``job 1a2b (nightly): running, 4,500/10,000 done, 3 failed, 45.2 tok/s,
         ETA 1h02m`` (the worker's log and ``status --watch`` off a terminal)."""
         finished = self.counts.get(DONE, 0)
-        failed = self.counts.get(FAILED, 0)
+        failed, expired = self.counts.get(FAILED, 0), self.counts.get(EXPIRED, 0)
         rate = self.tokens_per_second
         return (f"job {self.id}{f' ({self.name})' if self.name else ''}: {self.state}, "
                 f"{finished:,}/{self.total:,} done" + (f", {failed:,} failed" if failed else "")
+                + (f", {expired:,} expired" if expired else "")
                 + (f", {rate:.1f} tok/s" if rate else "")
                 + (f", ETA {duration(self.eta_seconds)}" if self.eta_seconds else ""))
 
@@ -137,6 +144,8 @@ class JobSummary:
             "counts": {s: self.counts.get(s, 0) for s in STATUSES},
             "created_at": self.created_at,
             "not_before": self.not_before,
+            "deadline": self.deadline,
+            "expired_at": self.expired_at,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "wall_seconds": self.wall_seconds,

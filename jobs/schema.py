@@ -53,6 +53,10 @@ jobs = Table(
     Column("total", Integer, nullable=False),
     Column("created_at", Float, nullable=False),
     Column("cancelled_at", Float),
+    # submit --deadline (a batch's completion_window): requests not finished by then are
+    # expired; expired_at is when the first of them was.
+    Column("deadline", Float),
+    Column("expired_at", Float),
     Column("peak_memory", BigInteger),  # the worker's peak bytes while serving it
     # submit --notify: a shell command to run once the job has ended, and when it was
     # handed to a process to run (once, whichever process sees the end first).

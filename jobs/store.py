@@ -27,6 +27,7 @@ from nightshift.jobs.schema import jobs, model_switches, requests, workers
 from nightshift.jobs.vocabulary import (
     CANCELLED,
     DONE,
+    EXPIRED,
     FAILED,
     QUEUED,
     RUNNING,
@@ -72,6 +73,8 @@ RETRY_SECONDS = 120.0
 # serialization failure, lock not available; class 08 is a lost connection.
 _TRANSIENT_SQLSTATES = {"40P01", "40001", "55P03"}
 log = logging.getLogger("nightshift.store")
+# Why a request is expired, in its error (the export's and the error file's message).
+EXPIRED_ERROR = "not finished by the job's deadline (submit --deadline, completion_window)"
 
 
 def new_job_id() -> str:
@@ -174,6 +177,7 @@ class Store(Reads):
         source: str | None = None,
         priority: int = 0,
         not_before: float | None = None,
+        deadline: float | None = None,
         notify: str | None = None,
         input_columns: str | Callable[[], str | None] | None = None,
     ) -> tuple[str, int]:
@@ -197,7 +201,8 @@ class Store(Reads):
             NightshiftError: the partial job was taken as abandoned and removed meanwhile.
         """
         job = {"id": self._unused_job_id(), "name": name, "model": "", "source": source,
-               "priority": priority, "not_before": not_before, "notify": notify,
+               "priority": priority, "not_before": not_before, "deadline": deadline,
+               "notify": notify,
                "defaults": json.dumps(defaults), "total": 0, "created_at": time.time(),
                "prompt_tokens": 0, "completion_tokens": 0, "submitter": submitter_identity()}
         count = 0
@@ -339,7 +344,8 @@ class Store(Reads):
         """
         with self.write() as conn:
             [job] = _lock_jobs(conn, [chunk.job_id]) or [None]
-            if job is None or job.cancelled_at is not None or job.submitter is not None:
+            if (job is None or job.cancelled_at is not None or job.submitter is not None
+                    or _past(job.deadline)):
                 return []
             pick = (
                 select(requests.c.id)
@@ -502,26 +508,50 @@ class Store(Reads):
             return Recovered(len(requeued), len(failed))
 
     @_retrying
-    def cancelled_among(self, job_ids: Iterable[str]) -> set[str]:
-        """Which of these jobs were cancelled."""
+    def ended_among(self, job_ids: Iterable[str]) -> dict[str, str]:
+        """Which of these jobs were cancelled, or are past their deadline: each with the
+        status its running requests end in (cancelled, expired)."""
         ids = list(job_ids)
         if not ids:
-            return set()
+            return {}
+        now = time.time()
         with self.read() as conn:
-            return set(
-                conn.execute(
-                    select(jobs.c.id).where(jobs.c.id.in_(ids), jobs.c.cancelled_at.is_not(None))
-                ).scalars()
-            )
+            rows = conn.execute(select(jobs.c.id, jobs.c.cancelled_at).where(
+                jobs.c.id.in_(ids),
+                or_(jobs.c.cancelled_at.is_not(None), jobs.c.deadline <= now))).all()
+        return {r.id: CANCELLED if r.cancelled_at is not None else EXPIRED for r in rows}
 
     @_retrying
-    def mark_cancelled(self, ids: list[int], worker_id: str) -> int:
-        """Mark requests this worker dropped because their job was cancelled."""
+    def mark_dropped(self, ids: list[int], worker_id: str, status: str = CANCELLED) -> int:
+        """Mark requests this worker dropped because their job was cancelled, or passed
+        its deadline (``status`` expired)."""
         if not ids:
             return 0
+        now = time.time()
         with self.write() as conn:
-            return len(_move(conn, RUNNING, CANCELLED, requests.c.id.in_(ids),
-                             requests.c.worker_id == worker_id, finished_at=time.time()))
+            return len(_move(conn, RUNNING, status, requests.c.id.in_(ids),
+                             requests.c.worker_id == worker_id, finished_at=now,
+                             error=EXPIRED_ERROR if status == EXPIRED else None))
+
+    @_retrying
+    def expire(self, now: float | None = None) -> dict[str, int]:
+        """Expire the queued requests of jobs past their deadline (running ones are
+        dropped by the workers that hold them: ``ended_among``); returns how many of
+        each job. A read when there are none: every worker asks at each heartbeat."""
+        now = now or time.time()
+        due = (jobs.c.deadline <= now, _queued_count() > 0, jobs.c.submitter.is_(None))
+        with self.read() as conn:
+            if conn.execute(select(jobs.c.id).where(*due).limit(1)).first() is None:
+                return {}
+        with self.write() as conn:
+            ids = conn.execute(select(jobs.c.id).where(*due)).scalars().all()
+            _lock_jobs(conn, ids)
+            moved = Counter(r.job_id for r in _move(
+                conn, QUEUED, EXPIRED, requests.c.job_id.in_(ids), jobs_locked=True,
+                finished_at=now, error=EXPIRED_ERROR))
+            conn.execute(jobs.update().where(jobs.c.id.in_(ids), jobs.c.expired_at.is_(None))
+                         .values(expired_at=now))
+        return dict(moved)
 
     @_retrying
     def fail_model(self, model: str, error: str) -> int:
@@ -570,16 +600,20 @@ class Store(Reads):
 
     @_retrying
     def retry(self, job_id: str) -> int:
-        """Queue a job's failed requests again, with their losses forgiven; returns how many."""
+        """Queue a job's failed and expired requests again, with their losses forgiven;
+        returns how many. A deadline that has passed is lifted: asking again is asking
+        for the answers."""
         with self.write() as conn:
-            _lock_whole_job(conn, job_id)
+            job = _lock_whole_job(conn, job_id)
             # Ended again later: --notify runs again then.
+            lifted = {"deadline": None, "expired_at": None} if _past(job.deadline) else {}
             conn.execute(jobs.update().where(jobs.c.id == job_id)
-                         .values(cancelled_at=None, notified_at=None))
-            return len(_move(conn, FAILED, QUEUED, requests.c.job_id == job_id,
-                             jobs_locked=True, error=None, worker_id=None, response=None,
-                             finish_reason=None, started_at=None, first_token_at=None,
-                             finished_at=None, lost=0))
+                         .values(cancelled_at=None, notified_at=None, **lifted))
+            again = dict(jobs_locked=True, error=None, worker_id=None, response=None,
+                         finish_reason=None, started_at=None, first_token_at=None,
+                         finished_at=None, lost=0)
+            return sum(len(_move(conn, status, QUEUED, requests.c.job_id == job_id, **again))
+                       for status in (FAILED, EXPIRED))
 
     # -- reading -----------------------------------------------------------------
 
@@ -838,7 +872,12 @@ def _lock_whole_job(conn: Connection, job_id: str):
 def _runnable_where(now: float) -> tuple:
     """The conditions on a job whose queued requests may start at ``now``."""
     return (_queued_count() > 0, jobs.c.cancelled_at.is_(None),
-            or_(jobs.c.not_before.is_(None), jobs.c.not_before <= now))
+            or_(jobs.c.not_before.is_(None), jobs.c.not_before <= now),
+            or_(jobs.c.deadline.is_(None), jobs.c.deadline > now))
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and deadline <= time.time()
 
 
 def _runnable_jobs(now: float):

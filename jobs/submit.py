@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -35,6 +36,7 @@ class JobOptions:
     raw: bool = False
     priority: int = 0
     not_before: float | None = None
+    deadline: float | None = None  # --deadline: requests not finished by then expire
     notify: str | None = None  # a shell command run when the job ends (jobs/notify.py)
     # --template: the file is a table, each row a request (jobs/tables.py); --id-column
     # names its column of custom ids.
@@ -51,7 +53,42 @@ class JobOptions:
         return out
 
 
-def parse_at(text: str, now: dt.datetime | None = None) -> float:
+def parse_duration(text: str) -> float | None:
+    """"90s", "45m", "8h", "2d", "1h30m" in seconds; None if ``text`` is not one."""
+    m = _DURATION.fullmatch(text.strip())
+    if m is None or not any(m.groups()):
+        return None
+    return sum(int(n or 0) * unit for n, unit in zip(m.groups(), (86400, 3600, 60, 1)))
+
+
+_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+
+
+def parse_deadline(text: str, now: dt.datetime | None = None, *,
+                   option: str = "--deadline") -> float:
+    """``--deadline``: a duration from now ("8h", "90m", "1h30m") or a time as ``--at``
+    takes it ("07:00", the next one to come, or ISO 8601). Returns a Unix timestamp.
+
+    Raises:
+        ValueError: none of those forms, or a duration of 0.
+    """
+    now = now or dt.datetime.now().astimezone()
+    seconds = parse_duration(text)
+    if seconds is not None:
+        if seconds <= 0:
+            raise ValueError(f"{option} {text!r}: a deadline must be later than now")
+        return min(now.timestamp() + seconds, settings.LATEST_START)
+    try:
+        return parse_at(text, now, option=option)
+    except ValueError as exc:
+        if "give a time of day" not in str(exc):
+            raise
+        raise ValueError(f"{option} {text!r}: give a duration like 8h or 1h30m, a time of "
+                         "day like 07:00, or a date-time like 2026-12-01T07:00 (ISO 8601)"
+                         ) from None
+
+
+def parse_at(text: str, now: dt.datetime | None = None, *, option: str = "--at") -> float:
     """``--at``: a time of day ("02:00", the next one to come) or an ISO 8601 date-time
     (local time unless it names a zone). Returns a Unix timestamp.
 
@@ -73,7 +110,7 @@ def parse_at(text: str, now: dt.datetime | None = None) -> float:
         when = dt.datetime.fromisoformat(text)
     except ValueError:
         raise ValueError(
-            f"--at {text!r}: give a time of day like 02:00 or a date-time like "
+            f"{option} {text!r}: give a time of day like 02:00 or a date-time like "
             "2026-12-01T02:00 (ISO 8601)"
         ) from None
     try:
@@ -84,7 +121,7 @@ def parse_at(text: str, now: dt.datetime | None = None) -> float:
         timestamp = None
     if timestamp is None or timestamp > settings.LATEST_START:
         raise ValueError(
-            f"--at {text!r}: beyond the times the queue can schedule (up to 9999-12-30 "
+            f"{option} {text!r}: beyond the times the queue can schedule (up to 9999-12-30 "
             "UTC); give a nearer date-time"
         )
     return timestamp
@@ -215,6 +252,7 @@ def submit(
             source=source,
             priority=options.priority,
             not_before=options.not_before,
+            deadline=options.deadline,
             notify=options.notify,
             input_columns=columns,
         )

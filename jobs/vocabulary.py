@@ -23,21 +23,23 @@ class _Word(str, Enum):
 
 
 class RequestStatus(_Word):
-    """Where a request is: queued, running (claimed by one worker), or one of the ends."""
+    """Where a request is: queued, running (claimed by one worker), or one of the ends:
+    expired is not run (or not finished) by its job's deadline (``submit --deadline``)."""
 
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    EXPIRED = "expired"
 
     @property
     def is_terminal(self) -> bool:
         return self in TERMINAL
 
 
-QUEUED, RUNNING, DONE, FAILED, CANCELLED = RequestStatus
-TERMINAL = (DONE, FAILED, CANCELLED)
+QUEUED, RUNNING, DONE, FAILED, CANCELLED, EXPIRED = RequestStatus
+TERMINAL = (DONE, FAILED, CANCELLED, EXPIRED)
 STATUSES = tuple(RequestStatus)
 
 

@@ -16,6 +16,8 @@ own code. The probes only observe, except where a test asks for a fault:
   model's would.
 * ``NIGHTSHIFT_TEST_SWITCH_SECONDS=SECONDS``: every load after the first (a switch to
   another model) takes that much longer.
+* ``NIGHTSHIFT_TEST_STEP_SECONDS=SECONDS``: every generator step takes that much longer,
+  as a big model's would (a tiny model's answers then take as long as a test needs).
 * SIGUSR1 writes every thread's Python stack to the worker's log.
 * ``NIGHTSHIFT_TEST_POISON_SEED=N[,M...]``: a request sampled with one of these seeds
   raises inside the generator step, as a broken request would.
@@ -37,6 +39,7 @@ LOAD_SECONDS_ENV = "NIGHTSHIFT_TEST_LOAD_SECONDS"
 SWITCH_SECONDS_ENV = "NIGHTSHIFT_TEST_SWITCH_SECONDS"
 POISON_ENV = "NIGHTSHIFT_TEST_POISON_SEED"
 KILLER_ENV = "NIGHTSHIFT_TEST_KILLER_SEED"
+STEP_SECONDS_ENV = "NIGHTSHIFT_TEST_STEP_SECONDS"
 
 
 class PhaseLog:
@@ -63,6 +66,7 @@ def install() -> None:
     pause = float(os.environ.get(WRITE_PAUSE_ENV, "0.02"))
     load_seconds = float(os.environ.get(LOAD_SECONDS_ENV, "0"))
     switch_seconds = float(os.environ.get(SWITCH_SECONDS_ENV, "0"))
+    step_seconds = float(os.environ.get(STEP_SECONDS_ENV, "0"))
     loads = [0]
 
     real_load, real_warm_up = loader.load, loader.warm_up
@@ -84,6 +88,7 @@ def install() -> None:
     def step(self):
         waiting = any(live.first_token_at is None for live in self.live.values())
         mark("prefill" if waiting or self.suspects else "decode")
+        time.sleep(step_seconds)
         return real_step(self)
 
     engine.Engine.step = step

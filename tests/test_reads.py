@@ -15,8 +15,9 @@ from pathlib import Path
 from nightshift.jobs import migrations, settings
 from nightshift.jobs.database import open_reads
 from nightshift.jobs.reads import SqliteReads
+from nightshift.jobs.schema import jobs
 from nightshift.jobs.store import Store
-from nightshift.jobs.vocabulary import STATUSES, Result, count_column
+from nightshift.jobs.vocabulary import CANCELLED, EXPIRED, STATUSES, Result, count_column
 from sqlalchemy import text
 
 from tests.test_store import make_job
@@ -32,16 +33,17 @@ def row_counts(store: Store, job_id: str) -> dict[str, int]:
 
 
 def test_counts_follow_every_move(store):
-    """Random claims, results, failures, releases, recoveries, cancels, retries and model
-    failures over three jobs: after each, every job's counts are its rows'."""
+    """Random claims, results, failures, releases, recoveries, cancels, retries, model
+    failures and deadlines passing over three jobs: after each, every job's counts are
+    its rows'."""
     rng = random.Random(7)
     job_ids = [make_job(store, 40, model=m)[0] for m in ("a", "a", "b")]
     held: dict[str, list] = {"w1": [], "w2": []}
     seen: set[str] = set()
     for step in range(300):
         [op] = rng.choices(["claim", "finish", "release", "recover", "drop", "retry",
-                            "cancel", "fail_model", "claim_lost"],
-                           weights=[4, 4, 1, 1, 1, 1, 0.2, 0.2, 1])
+                            "cancel", "fail_model", "claim_lost", "expire"],
+                           weights=[4, 4, 1, 1, 1, 1, 0.2, 0.2, 1, 0.3])
         worker = rng.choice(list(held))
         if op == "claim":
             job_id = rng.choice(job_ids)
@@ -69,8 +71,14 @@ def test_counts_follow_every_move(store):
         elif op == "fail_model":
             store.fail_model("b", "cannot load")
         elif op == "drop" and held[worker]:
-            store.mark_cancelled([c.id for c in held[worker]], worker)
+            store.mark_dropped([c.id for c in held[worker]], worker,
+                               rng.choice([CANCELLED, EXPIRED]))
             held[worker] = []
+        elif op == "expire":  # a deadline passes (retry lifts it again)
+            with store.write() as conn:
+                conn.execute(jobs.update().where(jobs.c.id == rng.choice(job_ids))
+                             .values(deadline=time.time() - 1))
+            store.expire()
         for job_id in job_ids:
             job = store.job(job_id)
             assert job.counts == row_counts(store, job_id), (step, op, job_id)
@@ -145,7 +153,9 @@ def test_m002_upgrades_a_database_made_before_it(home):
 
     conn = sqlite3.connect(db)
     conn.execute("DROP INDEX requests_done_ttft")
-    for column in [count_column(s) for s in STATUSES] + ["prompt_tps_sum", "prompt_tps_n"]:
+    # The counters m002 adds (expired's came later, with m010).
+    for column in ([count_column(s) for s in STATUSES if s != EXPIRED]
+                   + ["prompt_tps_sum", "prompt_tps_n"]):
         conn.execute(f"ALTER TABLE jobs DROP COLUMN {column}")
     conn.execute("DELETE FROM nightshift_migrations WHERE name = 'm002_job_counts'")
     conn.commit()

@@ -30,7 +30,7 @@ from huey.consumer import Consumer, ConsumerStopped
 from nightshift.jobs import notify, settings
 from nightshift.jobs.errors import NightshiftError, ResourceError
 from nightshift.jobs.store import Store, worker_identity
-from nightshift.jobs.vocabulary import Chunk, Recovered, Result, WorkerState
+from nightshift.jobs.vocabulary import CANCELLED, Chunk, Recovered, Result, WorkerState
 from nightshift.worker import blas, dispatch, loader
 from nightshift.worker.engine import Engine
 from nightshift.worker.prefix import PrefixCache
@@ -42,7 +42,8 @@ SWEEP_SECONDS = 1.0  # how often an idle worker looks in the database for lost w
 # How often a worker takes back requests held by workers that have gone since it
 # started (another host's worker whose heartbeat went stale, say).
 RECOVER_SECONDS = 10.0
-CANCEL_POLL_SECONDS = 1.0
+# How often a busy worker looks for its jobs being cancelled or passing their deadline.
+ENDED_POLL_SECONDS = 1.0
 # The log gets a line on the jobs in progress this often (the newest PROGRESS_JOBS).
 PROGRESS_SECONDS = 60.0
 PROGRESS_JOBS = 10
@@ -295,7 +296,7 @@ class Worker:
         try:
             notify.sweep(self.store)
         except Exception:
-            log.exception("could not run --notify commands")
+            log.exception("could not settle ended jobs (deadlines, --notify commands)")
 
     # -- Huey's worker thread --------------------------------------------------------
 
@@ -354,14 +355,14 @@ class Worker:
                     self._consumer.stop_flag.set()
 
     def _loop(self) -> None:
-        last_sweep = last_cancel_poll = 0.0
+        last_sweep = last_ended_poll = 0.0
         last_recover = time.monotonic()  # run() recovered just before
         while not self.stopping.is_set():
             now = time.monotonic()
             engine = self.engine
-            if engine is not None and engine.busy and now - last_cancel_poll > CANCEL_POLL_SECONDS:
-                self._drop_cancelled()
-                last_cancel_poll = now
+            if engine is not None and engine.busy and now - last_ended_poll > ENDED_POLL_SECONDS:
+                self._drop_ended()
+                last_ended_poll = now
             if now - last_recover > RECOVER_SECONDS:
                 # Workers can die after this one started; the sweep below then
                 # finds their requests queued again.
@@ -474,15 +475,17 @@ class Worker:
             self._read_mlx_peak()
             self.store.finish(results, self.id, peak_memory_bytes(self.mlx_peak))
 
-    def _drop_cancelled(self) -> None:
+    def _drop_ended(self) -> None:
+        """Stop running the requests of jobs cancelled or past their deadline."""
         held = self.engine.held()
-        cancelled = self.store.cancelled_among({c.job_id for c in held})
-        if cancelled:
-            ids = {c.id for c in held if c.job_id in cancelled}
-            removed = self.engine.remove(ids)
-            self.store.mark_cancelled([c.id for c in removed], self.id)
-            log.info("dropped %d in-flight requests of cancelled jobs %s",
-                     len(removed), ", ".join(sorted(cancelled)))
+        ended = self.store.ended_among({c.job_id for c in held})
+        for status in sorted(set(ended.values())):
+            job_ids = sorted(j for j, s in ended.items() if s == status)
+            removed = self.engine.remove({c.id for c in held if c.job_id in job_ids})
+            self.store.mark_dropped([c.id for c in removed], self.id, status)
+            why = "cancelled" if status == CANCELLED else "past their deadline"
+            log.info("dropped %d in-flight requests of jobs %s: %s", len(removed),
+                     ", ".join(job_ids), why)
 
     def _runnable(self) -> list[Chunk]:
         """Chunks that may start now, of models this worker serves and can load."""
