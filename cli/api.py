@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable
 
 import orjson
-from nightshift.jobs import batches, files
+from nightshift.jobs import batches, files, notify
 from nightshift.jobs.errors import InvalidRequest, NightshiftError, NotFound, UploadTooLarge
 from nightshift.jobs.store import Store
 from python_multipart.exceptions import MultipartParseError
@@ -102,7 +102,13 @@ def create_app(store: Store, *, api_key: str | None, max_upload_bytes: int,
     def delete_file(request: Request) -> Response:
         return _json(files.delete(store, request.path_params["file_id"]))
 
+    def settle() -> None:
+        # A deadline may pass with no worker running: its requests are expired (and the
+        # --notify commands of jobs that ended run) before a batch or its files is read.
+        notify.sweep(store)
+
     def file_content(request: Request) -> Response:
+        settle()
         return StreamingResponse(files.content(store, request.path_params["file_id"]),
                                  media_type="application/octet-stream")
 
@@ -126,12 +132,14 @@ def create_app(store: Store, *, api_key: str | None, max_upload_bytes: int,
                 model_reference=model_reference)))
 
     def list_batches(request: Request) -> Response:
+        settle()
         query = request.query_params
         return _json(batches.list_page(store, after=query.get("after"),
                                        limit=_limit(query.get("limit"), BATCH_PAGE,
                                                     BATCH_PAGE_MAX)))
 
     def get_batch(request: Request) -> Response:
+        settle()
         return _json(batches.get(store, request.path_params["batch_id"]))
 
     def cancel_batch(request: Request) -> Response:

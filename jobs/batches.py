@@ -30,8 +30,8 @@ from nightshift.jobs.errors import InputError, InvalidRequest, NotFound
 from nightshift.jobs.formats import CHAT_URL, COMPLETIONS_URL
 from nightshift.jobs.reads import JobSummary
 from nightshift.jobs.schema import batches, jobs, requests
-from nightshift.jobs.submit import JobOptions
-from nightshift.jobs.vocabulary import CANCELLED, DONE, FAILED, QUEUED, RUNNING
+from nightshift.jobs.submit import JobOptions, parse_duration
+from nightshift.jobs.vocabulary import CANCELLED, DONE, EXPIRED, FAILED, QUEUED, RUNNING
 from sqlalchemy import and_, or_, select
 
 if TYPE_CHECKING:
@@ -41,7 +41,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("nightshift.serve")
 
 ENDPOINTS = {CHAT_URL: "chat", COMPLETIONS_URL: "completion"}
-COMPLETION_WINDOWS = ("24h",)  # OpenAI's only value; kept, not enforced (no expiry yet)
+# OpenAI's only completion_window, a deadline from the batch's creation; nightshift also
+# takes any other duration ("30m", "8h", "2d": jobs/submit.py ``parse_duration``).
+COMPLETION_WINDOW = "24h"
+MAX_WINDOW_CHARS = 16
 # OpenAI's metadata: at most 16 pairs of strings, keys up to 64 characters, values 512.
 METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
 PREFIX = "batch_"
@@ -74,10 +77,11 @@ def create(store: Store, *, input_file_id: Any, endpoint: Any, completion_window
                              f"batch's input file must be uploaded with purpose "
                              f"{files.PURPOSE!r}", param="input_file_id")
     batch_id = _unused_id(store)
+    created = time.time()
     with store.write() as conn:
         conn.execute(batches.insert().values(
             id=batch_id, input_file_id=input_file_id, endpoint=endpoint,
-            completion_window=completion_window, created_at=time.time(),
+            completion_window=completion_window, created_at=created,
             metadata=orjson.dumps(metadata).decode() if metadata is not None else None))
     checked = upload["checked"]
     errors = (checked["errors"] + _endpoint_errors(checked["kinds"], endpoint)
@@ -86,8 +90,9 @@ def create(store: Store, *, input_file_id: Any, endpoint: Any, completion_window
     if not errors:
         try:
             with open(path, "rb") as stream:
-                done = submit(store, stream, input_file_id, JobOptions(name=batch_id),
-                              model_reference)
+                options = JobOptions(name=batch_id,
+                                     deadline=created + parse_duration(completion_window))
+                done = submit(store, stream, input_file_id, options, model_reference)
         except FileNotFoundError:  # the file was deleted meanwhile
             errors = [files.line_error(None, f"the input file {input_file_id} was deleted",
                                        code="file_not_found", param="input_file_id")]
@@ -128,9 +133,12 @@ def _check_parameters(input_file_id: Any, endpoint: Any, completion_window: Any)
     if endpoint not in ENDPOINTS:
         raise InvalidRequest(f"endpoint {endpoint!r} is not supported by nightshift (use "
                              f"{' or '.join(ENDPOINTS)})", param="endpoint")
-    if completion_window not in COMPLETION_WINDOWS:
-        raise InvalidRequest(f"completion_window must be {COMPLETION_WINDOWS[0]!r}, "
-                             f"got {completion_window!r}", param="completion_window")
+    seconds = (parse_duration(completion_window)
+               if len(completion_window) <= MAX_WINDOW_CHARS else None)
+    if not seconds:
+        raise InvalidRequest(f"completion_window must be {COMPLETION_WINDOW!r} or another "
+                             f"duration (nightshift also takes '30m', '8h', '2d'), got "
+                             f"{completion_window!r}", param="completion_window")
 
 
 def _check_metadata(value: Any) -> dict[str, str] | None:
@@ -251,13 +259,16 @@ def status(row: dict | None, job: JobSummary | None) -> str:
     """OpenAI's batch status from the job's counts: ``validating`` until its job is
     stored (or ``failed`` if it never was), ``in_progress`` while requests are queued
     or running, ``cancelling`` while a cancelled job's running requests finish, then
-    ``completed`` or ``cancelled``. Requests that failed leave a batch ``completed``,
-    with them counted as failed, as OpenAI's do."""
+    ``completed``, ``cancelled``, or ``expired`` once its deadline passed with requests
+    unfinished (its finished results stay, as OpenAI's do). Requests that failed leave a
+    batch ``completed``, with them counted as failed, as OpenAI's do."""
     if job is None:
         return "failed" if row is not None and row["failed_at"] else "validating"
     remaining = job.counts.get(QUEUED, 0) + job.counts.get(RUNNING, 0)
     if job.cancelled_at:
         return "cancelling" if remaining else "cancelled"
+    if job.state == "expired":
+        return "expired"
     return "in_progress" if remaining else "completed"
 
 
@@ -274,15 +285,16 @@ def _object(row: dict | None, job_row: dict | None, first_kinds: dict[str, str])
         batch_id, created, in_progress = PREFIX + job.id, job.created_at, job.created_at
         kind = first_kinds.get(job.id, "chat")
         endpoint = next(url for url, k in ENDPOINTS.items() if k == kind)
-        window, input_file = COMPLETION_WINDOWS[0], None
+        window, input_file = _window(job), None
         metadata = {"nightshift_job": job.id, "name": job.name or "",
                     "source": (job_row["source"] or "")[:METADATA_VALUE_CHARS]}
     done = failed = ended_with = 0
     end = None
     if job is not None:
         done, failed = job.counts.get(DONE, 0), job.counts.get(FAILED, 0)
-        ended_with = failed + job.counts.get(CANCELLED, 0)
-        end = max(t for t in (job.finished_at, job.cancelled_at, in_progress, created) if t)
+        ended_with = failed + job.counts.get(CANCELLED, 0) + job.counts.get(EXPIRED, 0)
+        end = max(t for t in (job.finished_at, job.cancelled_at, job.expired_at, in_progress,
+                              created) if t)
     ended = state in ENDED
     return {
         "id": batch_id,
@@ -298,13 +310,13 @@ def _object(row: dict | None, job_row: dict | None, first_kinds: dict[str, str])
         "error_file_id": files.error_file_id(job.id) if ended and ended_with else None,
         "created_at": int(created),
         "in_progress_at": _int(in_progress),
-        "expires_at": None,  # a completion window is not a deadline yet
+        "expires_at": _int(job.deadline) if job is not None else None,
         # Results are stored as each finishes and the files made from them when read:
         # nothing is left to do at the end, so finalizing and completion are one moment.
         "finalizing_at": _int(end) if state == "completed" else None,
         "completed_at": _int(end) if state == "completed" else None,
         "failed_at": _int(row["failed_at"]) if row is not None else None,
-        "expired_at": None,
+        "expired_at": _int(job.expired_at or job.deadline) if state == "expired" else None,
         "cancelling_at": _int(job.cancelled_at) if job is not None else None,
         "cancelled_at": _int(end) if state == "cancelled" else None,
         "request_counts": {"total": job.total if job is not None else 0,
@@ -312,6 +324,19 @@ def _object(row: dict | None, job_row: dict | None, first_kinds: dict[str, str])
         "usage": None,
         "metadata": metadata,
     }
+
+
+def _window(job: JobSummary) -> str:
+    """A command-line job's completion window: from its submission to its deadline. One
+    without a deadline shows OpenAI's "24h" (the field is never empty) with a null
+    ``expires_at``."""
+    if job.deadline is None:
+        return COMPLETION_WINDOW
+    seconds = max(0, round(job.deadline - job.created_at))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def _int(t: float | None) -> int | None:

@@ -9,7 +9,8 @@ request and each model its lines name, with the first line of each. Only ids mad
 here reach the disk: a client names a file by id, the id is looked up in the
 ``files`` table, and the path is built from the row's id, never from what was sent.
 
-A job's output file (its done requests) and error file (its failed and cancelled ones)
+A job's output file (its done requests) and error file (its failed, cancelled and
+expired ones)
 have no bytes of their own: they are the job's export lines (``export.batch_record``),
 made from the store when read, in input order. So they hold every result stored so far,
 and a retried request moves from one to the other.
@@ -32,7 +33,7 @@ from nightshift.jobs.export import batch_record
 from nightshift.jobs.formats import LineError, iter_requests
 from nightshift.jobs.schema import files
 from nightshift.jobs.submit import MAX_REPORTED_PROBLEMS
-from nightshift.jobs.vocabulary import CANCELLED, DONE, FAILED
+from nightshift.jobs.vocabulary import CANCELLED, DONE, EXPIRED, FAILED
 from sqlalchemy import and_, or_, select
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ STALE_PART_SECONDS = 3600.0
 
 _UPLOAD_ID = re.compile(r"file-[0-9a-f]{24}")
 # A job's output and error files: which requests each holds.
-MADE = {"output": (DONE,), "errors": (FAILED, CANCELLED)}
+MADE = {"output": (DONE,), "errors": (FAILED, CANCELLED, EXPIRED)}
 _MADE_ID = re.compile(r"file-(output|errors)-([A-Za-z0-9]{1,32})")
 
 # What a bad line's reason says -> OpenAI's error code for it (errors.data[].code).

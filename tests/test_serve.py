@@ -271,7 +271,8 @@ def test_bad_requests_get_openai_errors(home, invoke, tmp_path):
 
         fails(404, create(input_file_id="file-0123456789abcdef01234567"))
         fails(400, create(endpoint="/v1/embeddings"), param="endpoint")
-        fails(400, create(completion_window="1h"), param="completion_window")
+        for window in ("soon", "0h", "24 hours", "1" * 20 + "h"):
+            fails(400, create(completion_window=window), param="completion_window")
         fails(400, create(metadata={f"k{i}": "v" for i in range(17)}), param="metadata")
         status, body = http("POST", base + "/batches", b"{not json",
                             {**auth, "Content-Type": "application/json"})
@@ -337,6 +338,48 @@ def test_bad_requests_get_openai_errors(home, invoke, tmp_path):
         # The batches made from it still show.
         assert client.batches.retrieve(unknown.id).input_file_id == uploaded.id
         assert [b.id for b in client.batches.list()] == [other.id, unknown.id, failed.id]
+
+
+def test_a_batch_expires_at_its_completion_window(invoke, tiny_model, tmp_path):
+    """A short completion_window (nightshift takes any duration, OpenAI only "24h"):
+    the answers finished before it are in the output file, the rest are expired lines
+    in the error file, and the worker stops on the ones it was running (each step of the
+    tiny model is slowed to 50 ms, so a long answer would take a minute)."""
+    from tests import chaos
+
+    invoke("models", "alias", "gpt-4o-mini", tiny_model)
+    worker = chaos.start_worker("--batch-size", "4", log_path=tmp_path / "worker.log",
+                                NIGHTSHIFT_TEST_STEP_SECONDS="0.05")
+    try:
+        with serving("--api-key", KEY, log_path=tmp_path / "serve.log") as base:
+            client = OpenAI(base_url=base, api_key=KEY)
+            wait_for(lambda: any(w["state"] == "idle" for w in json.loads(
+                invoke("status", "--json").output)["workers"]), timeout=120)
+            requests = write_jsonl(tmp_path / "requests.jsonl", [
+                chat_line("short-0", "Hi", max_tokens=1), chat_line("short-1", "Yo", max_tokens=1),
+                *[chat_line(f"long-{i}", "Go on", max_tokens=1200) for i in range(5)]])
+            uploaded = client.files.create(file=open(requests, "rb"), purpose="batch")
+            batch = client.batches.create(input_file_id=uploaded.id,
+                                          endpoint="/v1/chat/completions",
+                                          completion_window="4s")
+            assert batch.status == "in_progress" and batch.completion_window == "4s"
+            assert batch.expires_at - batch.created_at in (3, 4, 5)
+            batch = poll(client, batch.id, timeout=60)
+            assert batch.status == "expired", batch
+            assert batch.expired_at - batch.expires_at < 5  # running ones dropped at once
+            assert (batch.request_counts.total, batch.request_counts.completed,
+                    batch.request_counts.failed) == (7, 2, 0)
+            kept = lines(client.files.content(batch.output_file_id).text)
+            assert [r["custom_id"] for r in kept] == ["short-0", "short-1"]
+            expired = lines(client.files.content(batch.error_file_id).text)
+            assert [r["custom_id"] for r in expired] == [f"long-{i}" for i in range(5)]
+            for r in expired:  # OpenAI's line for a request the window left unfinished
+                assert r["id"].startswith("batch_req_") and r["response"] is None
+                assert r["error"]["code"] == "batch_expired" and r["error"]["message"]
+            assert worker.poll() is None  # one batch's deadline never stops a worker
+    finally:
+        worker.send_signal(signal.SIGINT)
+        worker.wait(60)
 
 
 def test_serve_refuses_other_machines_without_a_key(invoke, monkeypatch):
