@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nightshift.jobs.errors import ModelError, NightshiftError
-from nightshift.worker import memory, registry
+from nightshift.worker import memory, native_kernels, registry
 from nightshift.worker.batch_size import BATCH_CANDIDATES, cached_batch_size
 from nightshift.worker.compat import nemotron_nas
 from nightshift.worker.model_files import read_config
@@ -105,6 +105,8 @@ def load(name: str, options: LoadOptions | None = None) -> LoadedModel:
     try:
         nemotron_nas.apply(model)
         plan = choose_plan(model, dtype=options.dtype, batch_size=options.batch_size)
+        if plan.device == "cpu":  # before anything is compiled: the batch-size measurement
+            plan.native_kernels = native_kernels.enable()
         apply_plan(model, plan)
         estimate = None
         if local:

@@ -29,6 +29,7 @@ class ComputePlan:
         loaded: what the weights are in the files (``4-bit``, ``4/8-bit``, ``float16``...).
         batch_size: sequences decoded together; None until chosen or measured.
         threads: BLAS threads (OpenBLAS only).
+        native_kernels: MLX's CPU kernels built for this machine (worker/native_kernels.py).
     """
 
     device: str
@@ -38,6 +39,7 @@ class ComputePlan:
     batch_size: int | None = None
     threads: int | None = None
     batch_curve: dict[int, float] = field(default_factory=dict)
+    native_kernels: bool = False
 
     def describe(self) -> str:
         """One line for the worker's start-up message and the benchmark."""
@@ -47,7 +49,8 @@ class ComputePlan:
         else:
             weights = f"weights {self.loaded} -> {self.weights}"
         batch = f"batch {self.batch_size}" if self.batch_size else "batch to measure"
-        return f"{self.device}, BLAS {blas}, {weights}, {batch}"
+        kernels = ", kernels for this CPU" if self.native_kernels else ""
+        return f"{self.device}, BLAS {blas}{kernels}, {weights}, {batch}"
 
 
 def quantization_of(model: Any) -> str | None:

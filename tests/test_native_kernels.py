@@ -1,0 +1,113 @@
+"""MLX's CPU kernels built for this machine (worker/native_kernels.py) give MLX's own
+results bit for bit: attention against ``mx.fast.scaled_dot_product_attention`` for
+every mask it takes, softmax against ``mx.softmax``, a compiled kernel and a model's
+greedy tokens with the flags and without."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from nightshift.worker import native_kernels
+
+from tests.chaos import env
+
+REPO = Path(__file__).resolve().parent.parent
+ORIGINAL_SDPA = mx.fast.scaled_dot_product_attention
+
+
+def random(rng, *shape, scale=1.0):
+    return mx.array((rng.standard_normal(shape) * scale).astype(np.float32))
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (8, 1)])
+@pytest.mark.parametrize("length,context", [(1, 1), (1, 200), (7, 7), (64, 64), (64, 344)])
+def test_attention_is_mlx_s_to_the_bit(heads, kv_heads, length, context):
+    rng = np.random.default_rng(length * 1000 + context + heads)
+    batch, dim = 3, 64
+    q = random(rng, batch, heads, length, dim, scale=3)
+    k = random(rng, batch, kv_heads, context, dim, scale=3)
+    v = random(rng, batch, kv_heads, context, dim)
+    causal = np.tril(np.ones((length, context), bool), k=context - length)
+    padded = causal[None, None].repeat(batch, 0)
+    padded[0, :, :, : context // 3] = False  # a left-padded row, as a batch has
+    padded[0, :, :, 0] = True
+    masks = [None, "causal", mx.array(causal), mx.array(padded),
+             mx.array(np.where(padded, 0.0, -1e9).astype(np.float32)),
+             mx.array(np.broadcast_to(padded, (batch, heads, length, context)).copy())]
+    scale = dim ** -0.5
+    for mask in masks:
+        if isinstance(mask, str) and length > context:
+            continue
+        expected = ORIGINAL_SDPA(q, k, v, scale=scale, mask=mask)
+        got = native_kernels.attention(q, k, v, scale=scale, mask=mask)
+        assert got.shape == expected.shape
+        assert mx.array_equal(got, expected).item(), (heads, kv_heads, length, context, mask)
+
+
+def test_softmax_is_mlx_s_to_the_bit():
+    rng = np.random.default_rng(1)
+    for shape in [(4, 1), (3, 9, 64, 200), (2, 4096), (5, 40000)]:
+        x = rng.standard_normal(shape).astype(np.float32) * 8
+        x[..., ::7] = -np.inf  # masked positions
+        x[0, ...] = np.float32(np.finfo(np.float32).min)  # a row masked whole
+        x = mx.array(x)
+        assert mx.array_equal(native_kernels.softmax(x), mx.softmax(x, axis=-1, precise=True),
+                              equal_nan=True).item(), shape
+
+
+COMPARE = """
+import json, sys
+import mlx.core as mx, mlx.nn as nn, numpy as np
+from nightshift.worker import native_kernels
+on = native_kernels.enable()
+x = mx.array(np.random.default_rng(0).standard_normal((64, 1536)).astype(np.float32) * 4)
+swiglu = mx.compile(lambda g, u: nn.silu(g) * u)
+out = swiglu(x, x[::-1])
+print(json.dumps({"on": on, "bits": np.array(out).view(np.uint32).tolist()[:4096:7]}))
+"""
+
+
+def test_compiled_kernels_are_built_for_this_machine_with_the_same_bits(home):
+    runs = {}
+    for flag in ("1", "0"):
+        proc = subprocess.run([sys.executable, "-c", COMPARE], cwd=REPO, capture_output=True,
+                              text=True, timeout=300,
+                              env=env(NIGHTSHIFT_NATIVE_KERNELS=flag))
+        assert proc.returncode == 0, proc.stderr
+        runs[flag] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert runs["1"]["on"] and not runs["0"]["on"]
+    assert runs["1"]["bits"] == runs["0"]["bits"]
+    [folder] = (home / "cache" / "mlx-kernels").iterdir()
+    wrapper = (folder / "bin" / "g++").read_text()
+    assert "-march=native" in wrapper and "-ffp-contract=off" in wrapper
+    assert list((folder / "tmp").rglob("*.so")), "no kernel was built in the machine's folder"
+
+
+GREEDY = """
+import json, sys
+from nightshift.worker import loader
+loaded = loader.load(sys.argv[1], loader.LoadOptions(batch_size=4))
+from mlx_lm.generate import batch_generate
+prompts = [[1, 5, 9, 200, 33], [7, 7, 7], list(range(3, 90))]
+out = batch_generate(loaded.model, loaded.tokenizer, prompts, max_tokens=24)
+print(json.dumps({"plan": loaded.plan.describe(), "texts": out.texts}))
+"""
+
+
+def test_a_model_gives_the_same_greedy_tokens(tiny_model):
+    runs = {}
+    for flag in ("1", "0"):
+        proc = subprocess.run([sys.executable, "-c", GREEDY, tiny_model], cwd=REPO,
+                              capture_output=True, text=True, timeout=300,
+                              env=env(NIGHTSHIFT_NATIVE_KERNELS=flag))
+        assert proc.returncode == 0, proc.stderr
+        runs[flag] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "kernels for this CPU" in runs["1"]["plan"]
+    assert "kernels for this CPU" not in runs["0"]["plan"]
+    assert runs["1"]["texts"] == runs["0"]["texts"]

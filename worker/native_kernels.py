@@ -1,0 +1,147 @@
+"""MLX's CPU kernels built for this machine's instructions, with the same results.
+
+MLX's CPU backend compiles the kernels of ``mx.compile``d functions (mlx-lm's SwiGLU,
+for one) with ``g++ -std=c++17 -O3 -fPIC -shared``: for a generic x86-64, where each
+``std::fma`` of its ``exp`` polynomial is a call into libm. Built with ``-march=native``
+the ``fma`` is one instruction, and the same kernel runs about twice as fast.
+``-ffp-contract=off`` keeps the compiler from fusing a multiply and an add the source
+keeps apart, so every result is the bit MLX's own build gives (``fma`` is exact either
+way). MLX runs ``g++`` through the shell and keeps its kernels in the temporary folder,
+so ``enable`` puts a ``g++`` that adds those flags first on ``PATH`` and points
+``TMPDIR`` at a kernel folder of this machine's own (a kernel built for one CPU must
+not load on another that shares ``NIGHTSHIFT_HOME``).
+
+MLX's own softmax is built in, for a generic x86-64 too, and is most of the CPU's
+attention (about 70% of it at prefill). ``enable`` also replaces
+``mx.fast.scaled_dot_product_attention`` with what MLX computes on a CPU (its
+fallback, op for op: ``attention``) but for the softmax's ``exp``, which goes through a
+compiled kernel: identical outputs (tests/test_native_kernels.py), attention about 1.9x
+faster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from nightshift.jobs import settings
+
+log = logging.getLogger(__name__)
+
+NATIVE_ENV = "NIGHTSHIFT_NATIVE_KERNELS"  # "0": MLX's kernels as MLX builds them
+FLAGS = ("-march=native", "-ffp-contract=off")
+_enabled = False
+
+
+def enable() -> bool:
+    """Build MLX's CPU kernels for this machine from now on, and route attention's
+    softmax through them; returns whether that is on. Once per process; nothing on
+    other platforms, without g++, or with ``NIGHTSHIFT_NATIVE_KERNELS=0``."""
+    global _enabled
+    if _enabled:
+        return True
+    if os.environ.get(NATIVE_ENV, "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    compiler = shutil.which("g++")
+    if compiler is None:
+        return False
+    folder = _folder(compiler)
+    wrapper = folder / "bin" / "g++"
+    if not wrapper.exists():
+        (folder / "bin").mkdir(parents=True, exist_ok=True)
+        tmp = wrapper.with_name(f".g++.{os.getpid()}")
+        tmp.write_text(f'#!/bin/sh\nexec "{compiler}" "$@" {" ".join(FLAGS)}\n')
+        tmp.chmod(0o755)
+        os.replace(tmp, wrapper)  # several workers may start at once
+    (folder / "tmp").mkdir(exist_ok=True)
+    os.environ["PATH"] = os.pathsep.join([str(wrapper.parent), os.environ.get("PATH", "")])
+    os.environ["TMPDIR"] = str(folder / "tmp")
+    _install_attention()
+    _enabled = True
+    log.info("MLX's CPU kernels are built for this machine (g++ %s)", " ".join(FLAGS))
+    return True
+
+
+def _folder(compiler: str) -> Path:
+    """The kernels' folder: one per CPU model and instruction set, and compiler."""
+    try:
+        cpu = "\n".join(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                        if line.startswith(("model name", "flags", "Features")))
+    except OSError:
+        cpu = ""
+    key = hashlib.sha256(f"{cpu}\n{compiler}\n{FLAGS}".encode()).hexdigest()[:16]
+    return settings.home().resolve() / "cache" / "mlx-kernels" / key
+
+
+def _install_attention() -> None:
+    import mlx.core as mx
+
+    original = mx.fast.scaled_dot_product_attention
+
+    def scaled_dot_product_attention(q, k, v, *, scale, mask=None, sinks=None, stream=None):
+        if (sinks is not None or stream is not None or q.ndim != 4
+                or not q.dtype == k.dtype == v.dtype == mx.float32):
+            return original(q, k, v, scale=scale, mask=mask, sinks=sinks, stream=stream)
+        return attention(q, k, v, scale=scale, mask=mask)
+
+    mx.fast.scaled_dot_product_attention = scaled_dot_product_attention
+
+
+def attention(q, k, v, *, scale: float, mask=None):
+    """``mx.fast.scaled_dot_product_attention`` as MLX computes it on a CPU (mlx/fast.cpp,
+    its fallback), op for op, with ``softmax`` for its softmax."""
+    import mlx.core as mx
+
+    n_kv, repeats = k.shape[1], q.shape[1] // k.shape[1]
+    q = mx.array(scale, q.dtype) * q
+    if repeats > 1:
+        q = q.reshape(q.shape[0], n_kv, repeats, *q.shape[2:])
+        k, v = mx.expand_dims(k, 2), mx.expand_dims(v, 2)
+    scores = q @ mx.swapaxes(k, -1, -2)
+    if mask is not None:
+        if isinstance(mask, str):  # "causal"
+            offset = k.shape[-2] - q.shape[-2]
+            mask = (mx.expand_dims(mx.arange(offset, q.shape[-2] + offset), 1)
+                    >= mx.expand_dims(mx.arange(0, k.shape[-2]), 0))
+        if repeats > 1 and mask.ndim >= 3:
+            if mask.shape[-3] == 1:
+                mask = mx.expand_dims(mask, -3)
+            else:
+                mask = mask.reshape(*mask.shape[:-3], n_kv, repeats, *mask.shape[-2:])
+        if mask.dtype == mx.bool_:
+            scores = mx.where(mask, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
+        else:
+            scores = scores + mask
+    out = softmax(scores) @ v
+    if repeats > 1:
+        out = out.reshape(out.shape[0], n_kv * repeats, *out.shape[3:])
+    return out
+
+
+def softmax(x):
+    """``mx.softmax(x, axis=-1)`` bit for bit (MLX's CPU kernel: the row's maximum, the
+    exponentials of the differences, times one over their sum), its ``exp`` in a
+    compiled kernel."""
+    import mlx.core as mx
+
+    e = _shifted_exp()(x, mx.max(x, axis=-1, keepdims=True))
+    return e * mx.reciprocal(mx.sum(e, axis=-1, keepdims=True))
+
+
+_compiled = None
+
+
+def _shifted_exp():
+    global _compiled
+    if _compiled is None:
+        import mlx.core as mx
+
+        _compiled = mx.compile(lambda x, m: mx.exp(x - m))
+    return _compiled
+
+
+__all__ = ["enable", "attention", "softmax"]
