@@ -70,7 +70,7 @@ def parse_deadline(text: str, now: dt.datetime | None = None, *,
     takes it ("07:00", the next one to come, or ISO 8601). Returns a Unix timestamp.
 
     Raises:
-        ValueError: none of those forms, or a duration of 0.
+        ValueError: none of those forms, a duration of 0, or a time already past.
     """
     now = now or dt.datetime.now().astimezone()
     seconds = parse_duration(text)
@@ -78,17 +78,18 @@ def parse_deadline(text: str, now: dt.datetime | None = None, *,
         if seconds <= 0:
             raise ValueError(f"{option} {text!r}: a deadline must be later than now")
         return min(now.timestamp() + seconds, settings.LATEST_START)
-    try:
-        return parse_at(text, now, option=option)
-    except ValueError as exc:
-        if "give a time of day" not in str(exc):
-            raise
-        raise ValueError(f"{option} {text!r}: give a duration like 8h or 1h30m, a time of "
-                         "day like 07:00, or a date-time like 2026-12-01T07:00 (ISO 8601)"
-                         ) from None
+    when = parse_at(text, now, option=option, accepted=(
+        "a duration like 8h or 1h30m, a time of day like 07:00, or a date-time like "
+        "2026-12-01T07:00 (ISO 8601)"))
+    if when <= now.timestamp():
+        raise ValueError(f"{option} {text!r}: that time has passed; a deadline must be "
+                         "later than now")
+    return when
 
 
-def parse_at(text: str, now: dt.datetime | None = None, *, option: str = "--at") -> float:
+def parse_at(text: str, now: dt.datetime | None = None, *, option: str = "--at",
+             accepted: str = "a time of day like 02:00 or a date-time like 2026-12-01T02:00 "
+                             "(ISO 8601)") -> float:
     """``--at``: a time of day ("02:00", the next one to come) or an ISO 8601 date-time
     (local time unless it names a zone). Returns a Unix timestamp.
 
@@ -109,10 +110,7 @@ def parse_at(text: str, now: dt.datetime | None = None, *, option: str = "--at")
     try:
         when = dt.datetime.fromisoformat(text)
     except ValueError:
-        raise ValueError(
-            f"{option} {text!r}: give a time of day like 02:00 or a date-time like "
-            "2026-12-01T02:00 (ISO 8601)"
-        ) from None
+        raise ValueError(f"{option} {text!r}: give {accepted}") from None
     try:
         if when.tzinfo is None:
             when = when.astimezone()  # naive: the user's local time

@@ -30,7 +30,7 @@ def test_a_deadline_is_a_duration_or_a_time():
     assert (at.day, at.hour, at.minute) == (5, 7, 0)  # the next 07:00: tomorrow morning
     assert parse_deadline("2026-12-05T06:30:00+00:00", now) == dt.datetime(
         2026, 12, 5, 6, 30, tzinfo=dt.timezone.utc).timestamp()
-    for bad in ("soon", "0h", "-1h", "8 hours", "7:00pm"):
+    for bad in ("soon", "0h", "-1h", "8 hours", "7:00pm", "2026-12-04T21:00"):
         with pytest.raises(ValueError, match="--deadline"):
             parse_deadline(bad, now)
 

@@ -88,6 +88,7 @@ def _install_attention() -> None:
             return original(q, k, v, scale=scale, mask=mask, sinks=sinks, stream=stream)
         return attention(q, k, v, scale=scale, mask=mask)
 
+    scaled_dot_product_attention.__wrapped__ = original  # MLX's own, for comparison
     mx.fast.scaled_dot_product_attention = scaled_dot_product_attention
 
 
