@@ -17,14 +17,14 @@ from collections import Counter
 
 import pytest
 from nightshift.jobs.store import Store
-from nightshift.jobs.vocabulary import CANCELLED, DONE, FAILED, QUEUED, RUNNING
+from nightshift.jobs.vocabulary import CANCELLED, DONE, EXPIRED, FAILED, QUEUED, RUNNING
 
 from tests.chaos import REPO, counts, env, run_cli, start_worker, submit, write_prompts
 
 pytestmark = pytest.mark.slow
 
 DURATION = 30.0  # seconds the clients run together
-STATUSES = {QUEUED, RUNNING, DONE, FAILED, CANCELLED}
+STATUSES = {QUEUED, RUNNING, DONE, FAILED, CANCELLED, EXPIRED}
 
 
 class Clients:

@@ -6,6 +6,7 @@ greedy tokens with the flags and without."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,7 +72,9 @@ on = native_kernels.enable()
 x = mx.array(np.random.default_rng(0).standard_normal((64, 1536)).astype(np.float32) * 4)
 swiglu = mx.compile(lambda g, u: nn.silu(g) * u)
 out = swiglu(x, x[::-1])
-print(json.dumps({"on": on, "bits": np.array(out).view(np.uint32).tolist()[:4096:7]}))
+import os
+print(json.dumps({"on": on, "tmpdir": os.environ.get("TMPDIR"),
+                  "bits": np.array(out).view(np.uint32).tolist()[:4096:7]}))
 """
 
 
@@ -85,10 +88,21 @@ def test_compiled_kernels_are_built_for_this_machine_with_the_same_bits(home):
         runs[flag] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert runs["1"]["on"] and not runs["0"]["on"]
     assert runs["1"]["bits"] == runs["0"]["bits"]
-    [folder] = (home / "cache" / "mlx-kernels").iterdir()
+    folder = Path(runs["1"]["tmpdir"]).parent
+    assert folder.name.startswith("nightshift-kernels-") and folder.stat().st_mode & 0o077 == 0
     wrapper = (folder / "bin" / "g++").read_text()
     assert "-march=native" in wrapper and "-ffp-contract=off" in wrapper
     assert list((folder / "tmp").rglob("*.so")), "no kernel was built in the machine's folder"
+    # MLX's builds get the flags; any other build through the wrapper (a --notify
+    # command inherits PATH) is the compiler's own.
+    def macros(compiler, *args):
+        return subprocess.run([compiler, *args, "-dM", "-E", "-x", "c", "/dev/null"],
+                              capture_output=True, text=True, check=True).stdout
+
+    compiler = re.search(r'exec "([^"]+)"', wrapper)[1]
+    built = folder / "bin" / "g++"
+    assert macros(built) == macros(compiler)
+    assert macros(built, "-I", "/x/mlx/include") != macros(compiler, "-I", "/x/mlx/include")
 
 
 GREEDY = """

@@ -7,9 +7,10 @@ the ``fma`` is one instruction, and the same kernel runs about twice as fast.
 ``-ffp-contract=off`` keeps the compiler from fusing a multiply and an add the source
 keeps apart, so every result is the bit MLX's own build gives (``fma`` is exact either
 way). MLX runs ``g++`` through the shell and keeps its kernels in the temporary folder,
-so ``enable`` puts a ``g++`` that adds those flags first on ``PATH`` and points
-``TMPDIR`` at a kernel folder of this machine's own (a kernel built for one CPU must
-not load on another that shares ``NIGHTSHIFT_HOME``).
+so ``enable`` puts a ``g++`` first on ``PATH`` that adds those flags to MLX's builds (and
+to nothing else: a ``--notify`` command inherits ``PATH``), and points ``TMPDIR`` at a
+folder of the system's temporary one kept for these kernels: one per user, CPU and
+compiler, never shared with MLX's plain builds nor with another machine.
 
 MLX's own softmax is built in, for a generic x86-64 too, and is most of the CPU's
 attention (about 70% of it at prefill). ``enable`` also replaces
@@ -26,9 +27,8 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
-
-from nightshift.jobs import settings
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,14 @@ def enable() -> bool:
     if compiler is None:
         return False
     folder = _folder(compiler)
+    if folder is None:
+        return False
     wrapper = folder / "bin" / "g++"
     if not wrapper.exists():
-        (folder / "bin").mkdir(parents=True, exist_ok=True)
+        (folder / "bin").mkdir(exist_ok=True)
         tmp = wrapper.with_name(f".g++.{os.getpid()}")
-        tmp.write_text(f'#!/bin/sh\nexec "{compiler}" "$@" {" ".join(FLAGS)}\n')
+        tmp.write_text(f'#!/bin/sh\ncase "$*" in *"/mlx/include"*) exec "{compiler}" "$@" '
+                       f'{" ".join(FLAGS)} ;; esac\nexec "{compiler}" "$@"\n')
         tmp.chmod(0o755)
         os.replace(tmp, wrapper)  # several workers may start at once
     (folder / "tmp").mkdir(exist_ok=True)
@@ -66,15 +69,25 @@ def enable() -> bool:
     return True
 
 
-def _folder(compiler: str) -> Path:
-    """The kernels' folder: one per CPU model and instruction set, and compiler."""
+def _folder(compiler: str) -> Path | None:
+    """The kernels' folder: one per user, CPU model and instruction set, and compiler,
+    this user's alone (MLX loads what it finds there); None if it cannot be."""
     try:
         cpu = "\n".join(line for line in Path("/proc/cpuinfo").read_text().splitlines()
                         if line.startswith(("model name", "flags", "Features")))
     except OSError:
         cpu = ""
-    key = hashlib.sha256(f"{cpu}\n{compiler}\n{FLAGS}".encode()).hexdigest()[:16]
-    return settings.home().resolve() / "cache" / "mlx-kernels" / key
+    key = hashlib.sha256(f"{cpu}\n{compiler}\n{FLAGS}".encode()).hexdigest()[:12]
+    folder = Path(tempfile.gettempdir()) / f"nightshift-kernels-{os.getuid()}-{key}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        info = folder.stat()
+    except OSError:
+        return None
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        log.warning("not building MLX's kernels in %s: another user can write there", folder)
+        return None
+    return folder
 
 
 def _install_attention() -> None:
