@@ -46,7 +46,10 @@ def enable() -> bool:
         return True
     if os.environ.get(NATIVE_ENV, "1") == "0" or not sys.platform.startswith("linux"):
         return False
-    compiler = shutil.which("g++")
+    # The real one: a process started by a worker inherits the wrapper's folder on PATH.
+    path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                           if "nightshift-kernels-" not in d)
+    compiler = shutil.which("g++", path=path)
     if compiler is None:
         return False
     folder = _folder(compiler)
