@@ -161,44 +161,59 @@ def fast_blas_env(environ: dict[str, str] | None = None) -> dict[str, str] | Non
     return env
 
 
+def preloaded_env(environ: dict[str, str] | None = None) -> dict[str, str] | None:
+    """``fast_blas_env``, where OpenBLAS makes MLX faster and loads here; else None.
+
+    Only on Linux with MLX's CPU backend, unless ``NIGHTSHIFT_BLAS=reference``. A preload
+    that fails to load kills a process before Python starts, so a throwaway interpreter
+    tries it first (a few milliseconds); a failure is logged.
+    """
+    if not _preload_wanted():
+        return None
+    env = fast_blas_env(environ)
+    if env is None:
+        log.warning("cmeel-openblas is not installed; MLX uses its slow reference BLAS")
+        return None
+    probe = subprocess.run([sys.executable, "-S", "-c", ""], env=env, capture_output=True)
+    if probe.returncode != 0:
+        log.warning("OpenBLAS does not load here (%s); staying on the reference BLAS",
+                    probe.stderr.decode(errors="replace").strip())
+        return None
+    return env
+
+
+def _preload_wanted() -> bool:
+    return (os.environ.get(BLAS_ENV, "openblas").lower() != "reference"
+            and sys.platform.startswith("linux") and mlx_backend() == "cpu")
+
+
 def ensure_fast_blas(argv: Sequence[str] | None = None, *, enabled: bool = True) -> None:
     """Re-execute this process with OpenBLAS preloaded, when that makes MLX faster.
 
-    Only on Linux with MLX's CPU backend, and only if OpenBLAS is not mapped
-    already. Call it first thing in the worker's entry point: everything before it
-    runs twice. Does nothing (and returns) when disabled by ``enabled=False`` or
-    ``NIGHTSHIFT_BLAS=reference``, when this process is already the re-executed
-    one, or when OpenBLAS is not installed or cannot load (logged). On success it
-    does not return.
+    Call it first thing in the worker's entry point: everything before it runs twice.
+    Does nothing (and returns) when disabled by ``enabled=False``, when OpenBLAS is
+    mapped already (a supervisor started this process with ``preloaded_env``), when
+    this process is already the re-executed one, or where ``preloaded_env`` gives
+    None. On success it does not return.
 
     Args:
         argv: the interpreter's arguments for the new process; default
             ``sys.orig_argv[1:]`` (keeps ``-m module`` and ``-c`` intact).
         enabled: False keeps the reference BLAS.
     """
-    if not enabled or os.environ.get(BLAS_ENV, "openblas").lower() == "reference":
-        return
-    if not sys.platform.startswith("linux") or mlx_backend() != "cpu":
-        return
-    if openblas_loaded():
+    if not enabled or openblas_loaded():
         return
     if "pytest" in sys.modules:
         # Re-executing would restart the whole test session; tests that need
         # OpenBLAS start a subprocess through this function instead.
         return
     if os.environ.get(REEXEC_MARK_ENV):
-        log.warning("OpenBLAS was preloaded but is not mapped; staying on the reference BLAS")
+        if _preload_wanted():
+            log.warning("OpenBLAS was preloaded but is not mapped; staying on the reference "
+                        "BLAS")
         return
-    env = fast_blas_env()
+    env = preloaded_env()
     if env is None:
-        log.warning("cmeel-openblas is not installed; MLX uses its slow reference BLAS")
-        return
-    # A preload that fails to load kills the process before Python starts: try it
-    # on a throwaway interpreter first (a few milliseconds).
-    probe = subprocess.run([sys.executable, "-S", "-c", ""], env=env, capture_output=True)
-    if probe.returncode != 0:
-        log.warning("OpenBLAS does not load here (%s); staying on the reference BLAS",
-                    probe.stderr.decode(errors="replace").strip())
         return
     args = list(sys.orig_argv[1:] if argv is None else argv)
     sys.stdout.flush()

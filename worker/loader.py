@@ -13,11 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nightshift.jobs.errors import ModelError, NightshiftError
-from nightshift.worker import memory, native_kernels, registry
-from nightshift.worker.batch_size import BATCH_CANDIDATES, cached_batch_size
+from nightshift.worker import memory, native_kernels, processes, registry
+from nightshift.worker.batch_size import BATCH_CANDIDATES, cached_batch_size, remembered_batch_size
 from nightshift.worker.compat import nemotron_nas
 from nightshift.worker.model_files import read_config
-from nightshift.worker.plan import ComputePlan, apply_plan, choose_plan, planned_dtype
+from nightshift.worker.plan import (
+    ComputePlan,
+    apply_plan,
+    choose_plan,
+    expected_plan,
+    planned_dtype,
+)
 
 log = logging.getLogger("nightshift.loader")
 WARMUP_PROMPT = "Hello"
@@ -88,6 +94,7 @@ def load(name: str, options: LoadOptions | None = None) -> LoadedModel:
         # Said before loading: a large model can take minutes to load.
         log.info("loading %s (%s); at batch %d it %s", name, path, before.batch_size,
                  before.describe())
+        _let_the_other_processes_load(path, config, options, plan_context)
     start = time.perf_counter()
     kwargs = nemotron_nas.load_kwargs(config)
     # mlx-lm passes trust_remote_code to the model only; the tokenizer (a
@@ -127,6 +134,33 @@ def load(name: str, options: LoadOptions | None = None) -> LoadedModel:
     load_seconds = time.perf_counter() - start
     return LoadedModel(name, path, model, tokenizer, config, context, plan, estimate,
                        load_seconds, planned_tokens=plan_context)
+
+
+def _let_the_other_processes_load(path: str, config: dict, options: LoadOptions,
+                                  context: int) -> None:
+    """In the first load of a supervised worker process: let the processes started
+    after this one load now, beside it, where waiting for it buys nothing
+    (worker/processes.py): their copies fit in memory beside this one at the batch size
+    they will use (``MemoryEstimate.fits_copies``), and no batch size is measured (a
+    measurement wants the CPU alone).
+
+    Two processes here, the benchmark's job: 5 to 6 s of imports, loading and warm-up
+    each, which no longer add up.
+    """
+    copies = processes.processes_to_start()
+    if copies < 2:
+        return
+    batch_size = options.batch_size or remembered_batch_size(path,
+                                                             expected_plan(config, options.dtype))
+    if not batch_size:
+        return
+    each = memory.estimate(path, config=config, batch_size=batch_size, context_tokens=context,
+                           dtype=planned_dtype(config, options.dtype))
+    if each.fits_copies(copies):
+        processes.notify_others_may_load()
+    else:
+        log.info("the other worker processes load once this one is ready: %d copies would "
+                 "not fit beside each other (each %s)", copies, each.describe())
 
 
 def warm_up(loaded: LoadedModel) -> float:

@@ -205,6 +205,13 @@ class MemoryEstimate:
             f"overhead {_size(self.overhead)}) of {_size(self.available)} available"
         )
 
+    def fits_copies(self, copies: int) -> bool:
+        """Whether ``copies`` processes of this model fit in what is available, as each
+        would find when started after the others had loaded: their weights and working
+        memory taken, their KV caches still to grow (they grow with the requests)."""
+        others = (copies - 1) * (self.weights + self.overhead)
+        return (self.total + others) * SAFETY <= self.available
+
     def max_batch_size(self) -> int:
         """Roughly the largest batch that fits at this context (0 if none)."""
         room = self.available / SAFETY - self.weights - self.overhead

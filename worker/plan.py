@@ -133,28 +133,36 @@ def choose_plan(model: Any, *, dtype: str | None = None,
     Raises:
         ValueError: for an unknown dtype.
     """
-    import mlx.core as mx
-
     _check_dtype(dtype)
     loaded = quantization_of(model) or _float_dtype_name(model)
-    threads = None
-    if mx.default_device() == mx.gpu:
-        device = "metal" if mx.metal.is_available() else "cuda"
-        library = "accelerate" if sys.platform == "darwin" else "n/a"
-        chosen = "as-loaded"
-    else:
-        device = "cpu"
-        if sys.platform == "darwin":
-            library = "accelerate"
-        elif blas.openblas_loaded():
-            library = "openblas"
-            threads = int(os.environ.get(blas.OPENBLAS_THREADS_ENV) or blas.cpu_threads())
-        else:
-            library = "reference"
-        chosen = _cpu_weights(loaded)
+    device, library, threads = _device_and_blas()
+    chosen = "as-loaded" if device != "cpu" else _cpu_weights(loaded)
     if dtype == loaded:
         dtype = "as-loaded"
     return ComputePlan(device, library, dtype or chosen, loaded, batch_size, threads)
+
+
+def expected_plan(config: dict, dtype: str | None = None) -> ComputePlan:
+    """The device, BLAS and weights ``choose_plan`` will pick, from ``config.json`` alone:
+    before loading, for what is keyed on them (a remembered batch size)."""
+    device, library, threads = _device_and_blas()
+    return ComputePlan(device, library, planned_dtype(config, dtype), "as in config.json",
+                       threads=threads)
+
+
+def _device_and_blas() -> tuple[str, str, int | None]:
+    """This process's device, BLAS library and BLAS threads (OpenBLAS only)."""
+    import mlx.core as mx
+
+    if mx.default_device() == mx.gpu:
+        return ("metal" if mx.metal.is_available() else "cuda",
+                "accelerate" if sys.platform == "darwin" else "n/a", None)
+    if sys.platform == "darwin":
+        return "cpu", "accelerate", None
+    if blas.openblas_loaded():
+        return "cpu", "openblas", int(os.environ.get(blas.OPENBLAS_THREADS_ENV)
+                                      or blas.cpu_threads())
+    return "cpu", "reference", None
 
 
 def apply_plan(model: Any, plan: ComputePlan) -> Any:

@@ -9,7 +9,10 @@ one process owns the device, so ``auto`` means one there.
 The supervisor here never imports MLX. It starts the processes one at a time, each
 once the previous one is ready: a model's memory check then sees the copies already
 loaded, and the first run's batch-size measurement (worker/batch_size.py) runs alone
-instead of seeing the others as contention; they claim work once all have loaded,
+instead of seeing the others as contention. Where neither wait buys anything (the
+copies still to start fit in memory beside this one, and the batch size is known), a
+loading process says so (``notify_others_may_load``) and the next starts at once, so
+that imports, loading and warm-up overlap. They claim work once all have loaded,
 each up to a fair share (``GoAhead``, ``Store.fair_share``). It passes SIGINT and
 SIGTERM on to every process once (they run in their own process groups, so a Ctrl-C
 on the terminal reaches them only through it), and starts again a process that a signal killed (an
@@ -32,6 +35,7 @@ from nightshift.worker import blas
 log = logging.getLogger("nightshift.processes")
 PROCESSES_ENV = "NIGHTSHIFT_WORKER_PROCESSES"
 READY_FD_ENV = "NIGHTSHIFT_WORKER_READY_FD"  # a child writes here once it is ready
+OTHERS_MAY_LOAD = b"s"  # on the ready pipe, before the readiness byte: see the docstring
 GO_FD_ENV = "NIGHTSHIFT_WORKER_GO_FD"  # ...and claims work once the supervisor writes here
 INDEX_ENV = "NIGHTSHIFT_WORKER_PROCESS"  # "2/4": which of the supervisor's processes
 POLL_SECONDS = 0.2
@@ -70,6 +74,28 @@ def notify_ready() -> None:
         log.warning("could not tell the supervisor this worker is ready")
 
 
+def processes_to_start() -> int:
+    """In a supervised process still loading for the first time: itself and the
+    supervisor's processes after it, which wait for it; otherwise 1."""
+    index = os.environ.get(INDEX_ENV)
+    if not index or READY_FD_ENV not in os.environ:
+        return 1
+    this, count = (int(n) for n in index.split("/"))
+    return count - this + 1
+
+
+def notify_others_may_load() -> None:
+    """In a supervised process still loading: the supervisor may start the next process
+    now instead of once this one is ready."""
+    fd = os.environ.get(READY_FD_ENV)
+    if fd is None:
+        return
+    try:
+        os.write(int(fd), OTHERS_MAY_LOAD)
+    except OSError:
+        log.warning("could not tell the supervisor to start the next process")
+
+
 class GoAhead:
     """In a supervised process: whether it may claim work yet (``WorkerOptions.may_claim``).
 
@@ -106,6 +132,7 @@ class Child:
     ready_pipe: int | None  # read end, until the child says it is ready (or dies)
     go_pipe: int | None  # write end, until the supervisor says go
     ready_at: float | None = None
+    others_may_load: bool = False  # the next process need not wait for this one
 
 
 class Supervisor:
@@ -126,18 +153,21 @@ class Supervisor:
         self.restart_at: dict[int, float] = {}  # index -> monotonic time to start again
         self.quick_deaths: dict[int, int] = {}  # index -> killed soon after ready, in a row
         self._die_with_parent = _parent_death_signal()
+        # Started with OpenBLAS preloaded, a process need not start over to load it
+        # (blas.ensure_fast_blas): half a second less for each.
+        self.env = blas.preloaded_env() or dict(os.environ)
 
     def run(self) -> int:
         """Run until every process has ended; the exit code (0 if all ended with 0)."""
         previous = {s: signal.signal(s, self._note) for s in (signal.SIGINT, signal.SIGTERM)}
         threads = max(1, blas.cpu_threads() // self.count)
-        log.info("starting %d worker processes, one at a time, %d BLAS thread%s each",
+        log.info("starting %d worker processes, %d BLAS thread%s each",
                  self.count, threads, "" if threads == 1 else "s")
         try:
             waiting = list(range(1, self.count + 1))  # started in order, each once ready
             while waiting or self.children or self.restart_at:
                 self._pass_signals()
-                if waiting and not self.stopping and not self._loading():
+                if waiting and not self.stopping and not self._holding_back():
                     self._start(waiting.pop(0), threads)
                 if not waiting and not self._loading():
                     self._say_go()  # every first start has ended loading (or failed)
@@ -171,6 +201,11 @@ class Supervisor:
     def _loading(self) -> bool:
         return any(c.ready_pipe is not None for c in self.children.values())
 
+    def _holding_back(self) -> bool:
+        """Whether a loading process wants the next to wait until it is ready."""
+        return any(c.ready_pipe is not None and not c.others_may_load
+                   for c in self.children.values())
+
     def _say_go(self) -> None:
         for child in self.children.values():
             if child.go_pipe is not None and child.ready_at is not None:
@@ -181,7 +216,7 @@ class Supervisor:
     def _start(self, index: int, threads: int) -> None:
         ready_read, ready_write = os.pipe()
         go_read, go_write = os.pipe()
-        env = dict(os.environ, **{
+        env = dict(self.env, **{
             READY_FD_ENV: str(ready_write), GO_FD_ENV: str(go_read),
             INDEX_ENV: f"{index}/{self.count}", blas.OPENBLAS_THREADS_ENV: str(threads),
         })
@@ -196,7 +231,7 @@ class Supervisor:
     def _start_due_restarts(self, threads: int) -> None:
         now = time.monotonic()
         for index, when in list(self.restart_at.items()):
-            if when <= now and not self._loading():
+            if when <= now and not self._holding_back():
                 del self.restart_at[index]
                 self._start(index, threads)
 
@@ -211,10 +246,13 @@ class Supervisor:
         for child in list(self.children.values()):
             if child.ready_pipe is not None and child.ready_pipe in readable:
                 said = os.read(child.ready_pipe, 1)
-                os.close(child.ready_pipe)
-                child.ready_pipe = None
-                if said:
-                    child.ready_at = time.monotonic()
+                if said == OTHERS_MAY_LOAD:  # still loading: readiness (or end) comes later
+                    child.others_may_load = True
+                else:
+                    os.close(child.ready_pipe)
+                    child.ready_pipe = None
+                    if said:
+                        child.ready_at = time.monotonic()
             code = child.process.poll()
             if code is not None:
                 self._ended(child, code)
