@@ -9,14 +9,23 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from nightshift.jobs import settings
+from nightshift.worker.converted_weights import KEEP_ENV
 from nightshift.worker.processes import PROCESSES_ENV
 
 
+@pytest.fixture(scope="session")
+def kept_weights(tmp_path_factory) -> Path:
+    """One folder for the session's converted weights: each test's own data directory
+    would write (and convert) the default model's 540 MB again."""
+    return tmp_path_factory.mktemp("kept-weights")
+
+
 @pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch) -> Path:
+def home(tmp_path, monkeypatch, kept_weights) -> Path:
     """Point NIGHTSHIFT_HOME (database, queue, models) at this test's own folder."""
     path = tmp_path / "home"
     monkeypatch.setenv(settings.HOME_ENV, str(path))
+    monkeypatch.setenv(KEEP_ENV, str(kept_weights))
     for name in (settings.DATABASE_URL_ENV, settings.QUEUE_URL_ENV, settings.MODEL_ENV):
         monkeypatch.delenv(name, raising=False)
     # Tests watch one worker process (its pid, its signals); tests/test_processes.py

@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nightshift.jobs.errors import ModelError, NightshiftError
-from nightshift.worker import memory, native_kernels, processes, registry
+from nightshift.worker import converted_weights, memory, native_kernels, processes, registry
 from nightshift.worker.batch_size import BATCH_CANDIDATES, cached_batch_size, remembered_batch_size
 from nightshift.worker.compat import nemotron_nas
 from nightshift.worker.model_files import read_config
 from nightshift.worker.plan import (
     ComputePlan,
-    apply_plan,
     choose_plan,
     expected_plan,
     planned_dtype,
@@ -114,7 +113,7 @@ def load(name: str, options: LoadOptions | None = None) -> LoadedModel:
         plan = choose_plan(model, dtype=options.dtype, batch_size=options.batch_size)
         if plan.device == "cpu":  # before anything is compiled: the batch-size measurement
             plan.native_kernels = native_kernels.enable()
-        apply_plan(model, plan)
+        converted_weights.apply(model, plan, path if local else None)
         estimate = None
         if local:
             if not plan.batch_size:  # measured once per model and machine, within memory

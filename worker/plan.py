@@ -165,12 +165,14 @@ def _device_and_blas() -> tuple[str, str, int | None]:
     return "cpu", "reference", None
 
 
-def apply_plan(model: Any, plan: ComputePlan) -> Any:
+def apply_plan(model: Any, plan: ComputePlan, converted: dict[str, Any] | None = None) -> Any:
     """Convert ``model``'s weights in place as ``plan.weights`` says; returns the model.
 
     Layers are dequantized and evaluated one at a time, so the peak is about the
     converted weights plus one layer, not both whole copies as with
     ``mlx_lm.utils.dequantize_model`` (which converts everything in one graph).
+    ``converted``: every parameter as an earlier conversion left it (name -> array,
+    worker/converted_weights.py), put in place instead of converting again.
     """
     if plan.weights == "as-loaded":
         return model
@@ -199,16 +201,24 @@ def apply_plan(model: Any, plan: ComputePlan) -> Any:
             new = nn.Linear(1, 1, bias="bias" in module)
         else:
             new = SwitchLinear(1, 1, 1, bias="bias" in module)
-        new.weight = mx.dequantize(module.weight, module.scales, getattr(module, "biases", None),
-                                   module.group_size, module.bits, module.mode, dtype=dtype)
-        if "bias" in module:
-            new.bias = module.bias.astype(dtype)
+        if converted is not None:
+            new.weight = converted[f"{name}.weight"]
+            if "bias" in module:
+                new.bias = converted[f"{name}.bias"]
+        else:
+            new.weight = mx.dequantize(module.weight, module.scales,
+                                       getattr(module, "biases", None), module.group_size,
+                                       module.bits, module.mode, dtype=dtype)
+            if "bias" in module:
+                new.bias = module.bias.astype(dtype)
         mx.eval(new.parameters())
         model.update_modules(tree_unflatten([(name, new)]))
         del module
     # Norms and other float parameters follow, so activations (and the KV cache)
     # are all in one dtype.
     model.set_dtype(dtype)
+    if converted is not None:
+        model.update(tree_unflatten(list(converted.items())))
     mx.eval(model.parameters())
     return model
 
