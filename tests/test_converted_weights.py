@@ -9,6 +9,7 @@ again (and replaced); ``NIGHTSHIFT_KEEP_WEIGHTS=0`` keeps nothing.
 from __future__ import annotations
 
 import logging
+import os
 
 import mlx.core as mx
 import pytest
@@ -56,6 +57,32 @@ def test_kept_weights_load_as_converted_and_damage_is_converted_again(
     assert "do not fit the model" in said, said
     assert same(first, refitted)
     assert same(first, load_params(caplog)[0])  # and the file written then reads back
+
+
+def test_a_write_that_fails_loses_nothing_and_spares_other_writers(
+        smollm2, tmp_path, monkeypatch, caplog):
+    """Two worker processes that load side by side both convert and write: one's clean-up
+    once deleted the other's file in the making, and that load failed, failing a whole
+    job (the benchmark's C, 64 requests)."""
+    kept = tmp_path / "kept"
+    monkeypatch.setenv(converted_weights.KEEP_ENV, str(kept))
+    first, _ = load_params(caplog)
+    [path] = kept.glob("*.safetensors")
+    path.unlink()
+    writing = converted_weights.temporary(path, os.getppid())  # a live process's
+    writing.write_bytes(b"half written")
+    killed = converted_weights.temporary(path, 2**22 + 1)  # above Linux's largest pid
+    killed.write_bytes(b"left behind")
+
+    def full_disk(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mx, "save_safetensors", full_disk)
+    again, said = load_params(caplog)
+    assert same(first, again)
+    assert "not kept" in said and "No space left" in said, said
+    assert writing.exists() and not killed.exists()
+    assert not path.exists() and len(list(kept.iterdir())) == 1
 
 
 def test_nothing_is_kept_when_switched_off(smollm2, home, monkeypatch, caplog):

@@ -34,7 +34,6 @@ def apply(model: Any, plan: ComputePlan, model_path: str | None) -> None:
     if plan.weights == "as-loaded" or model_path is None or folder is None:
         apply_plan(model, plan)
         return
-    import mlx.core as mx
     from mlx.utils import tree_flatten
 
     path = folder / kept_name(model_path, plan.weights)
@@ -44,20 +43,55 @@ def apply(model: Any, plan: ComputePlan, model_path: str | None) -> None:
         log.info("weights as %s read from %s", plan.weights, path)
         return
     apply_plan(model, plan)
-    weights = dict(tree_flatten(model.parameters()))
+    try:
+        _keep(path, dict(tree_flatten(model.parameters())), plan.weights)
+    except (OSError, RuntimeError) as exc:  # MLX's write errors are RuntimeErrors
+        # A full disk, a folder not writable: this start goes on; the next converts again.
+        log.warning("weights as %s not kept in %s: %s", plan.weights, path.parent, exc)
+
+
+def _keep(path: Path, weights: dict[str, Any], dtype: str) -> None:
+    """Write the conversion to ``path``, atomically, in place of this model's older ones.
+    Processes that load the model side by side may each write it: the last one wins."""
+    import mlx.core as mx
+
     size = sum(v.nbytes for v in weights.values())
     path.parent.mkdir(parents=True, exist_ok=True)
     if shutil.disk_usage(path.parent).free < 2 * size:
         log.info("weights as %s not kept: the disk has less than twice their %.1f GB free",
-                 plan.weights, size / 1e9)
+                 dtype, size / 1e9)
         return
-    for old in path.parent.glob(f"{path.name.split('-')[0]}-*.safetensors"):
-        old.unlink(missing_ok=True)  # this model's conversions for other files or versions
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.safetensors")
-    mx.save_safetensors(str(tmp), weights)
-    os.replace(tmp, path)
-    log.info("weights as %s kept in %s for the next start (%.1f GB)", plan.weights, path,
-             size / 1e9)
+    model = path.name.split("-")[0]
+    for old in path.parent.glob(f"{model}-*.safetensors"):
+        if old != path:  # this model's conversions for other files or versions
+            old.unlink(missing_ok=True)
+    for old in path.parent.glob(f"tmp-*-{model}-*.safetensors"):
+        pid = old.name.split("-")[1]
+        if pid.isdigit() and not _alive(int(pid)):  # left by a process killed writing it
+            old.unlink(missing_ok=True)
+    tmp = temporary(path, os.getpid())
+    try:
+        mx.save_safetensors(str(tmp), weights)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("weights as %s kept in %s for the next start (%.1f GB)", dtype, path, size / 1e9)
+
+
+def temporary(path: Path, pid: int) -> Path:
+    """Where process ``pid`` writes ``path`` first: a name the clean-up above leaves alone
+    (another process may be writing it)."""
+    return path.with_name(f"tmp-{pid}-{path.name}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def _read(path: Path, model: Any) -> dict[str, Any] | None:
