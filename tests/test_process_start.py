@@ -1,9 +1,9 @@
-"""When ``worker --processes N`` starts its processes: one after another, or together.
+"""When ``worker --processes N``'s processes load: one after another, or together.
 
 The supervisor (worker/processes.py) runs stand-in child processes here, small Python
-scripts that speak its pipe protocol, so the order is exact and takes a second: a
-process that says the others may load lets the next start while it is still loading;
-one that does not holds it back until it is ready. The loader's side (when a real
+scripts that speak its pipe protocol, so the order is exact and takes a second: all
+start at once; a process that says the others may load lets the next load while it is
+still loading; one that does not holds it back until it is ready. The loader's side (when a real
 worker says so) is checked through ``MemoryEstimate.fits_copies`` and
 ``processes_to_start``; tests/test_processes.py runs real worker processes.
 """
@@ -22,6 +22,9 @@ import os, sys, time
 index = os.environ["NIGHTSHIFT_WORKER_PROCESS"].split("/")[0]
 with open(sys.argv[1], "a") as log:
     log.write(f"{time.monotonic()} start {index}\\n")
+os.read(int(os.environ["NIGHTSHIFT_WORKER_LOAD_FD"]), 1)
+with open(sys.argv[1], "a") as log:
+    log.write(f"{time.monotonic()} load {index}\\n")
 ready = int(os.environ["NIGHTSHIFT_WORKER_READY_FD"])
 if os.environ.get("SAY_OTHERS_MAY_LOAD"):
     os.write(ready, b"s")
@@ -35,29 +38,32 @@ with open(sys.argv[1], "a") as log:
 """
 
 
-def run_supervised(tmp_path, monkeypatch, others_may_load: bool) -> list[tuple[str, str]]:
+def run_supervised(tmp_path, monkeypatch, others_may_load: bool) -> dict[str, float]:
+    """When each event happened: {"load 2": monotonic seconds, ...}."""
     events = tmp_path / "events"
     monkeypatch.setattr(processes, "child_argv", lambda argv: [sys.executable, *argv])
     if others_may_load:
         monkeypatch.setenv("SAY_OTHERS_MAY_LOAD", "1")
     assert processes.Supervisor(["-c", CHILD, str(events)], 2).run() == 0
-    lines = sorted(line.split() for line in events.read_text().splitlines())
-    return [(what, index) for _, what, index in lines]
+    lines = [line.split() for line in events.read_text().splitlines()]
+    return {f"{what} {index}": float(when) for when, what, index in lines}
 
 
 def test_a_process_that_says_so_lets_the_next_load_beside_it(tmp_path, monkeypatch):
     start = time.monotonic()
-    events = run_supervised(tmp_path, monkeypatch, others_may_load=True)
-    assert events[:2] == [("start", "1"), ("start", "2")], events
+    at = run_supervised(tmp_path, monkeypatch, others_may_load=True)
+    assert at["start 2"] < at["ready 1"]  # started together
+    assert at["load 1"] < at["load 2"] < at["ready 1"], at
     # Neither claims work before both are ready.
-    assert {e for e in events[2:4]} == {("ready", "1"), ("ready", "2")}, events
+    assert max(at["ready 1"], at["ready 2"]) < min(at["go 1"], at["go 2"]), at
     assert time.monotonic() - start < 1.9  # the two seconds of loading overlapped
 
 
 def test_otherwise_the_next_waits_until_it_is_ready(tmp_path, monkeypatch):
-    events = run_supervised(tmp_path, monkeypatch, others_may_load=False)
-    assert events[:3] == [("start", "1"), ("ready", "1"), ("start", "2")], events
-    assert {e for e in events[-2:]} == {("go", "1"), ("go", "2")}, events
+    at = run_supervised(tmp_path, monkeypatch, others_may_load=False)
+    assert at["start 2"] < at["ready 1"]  # started together: their imports overlap
+    assert at["load 1"] < at["ready 1"] < at["load 2"] < at["ready 2"], at
+    assert at["ready 2"] < min(at["go 1"], at["go 2"]), at
 
 
 def test_processes_to_start_counts_itself_and_those_after_it(monkeypatch):

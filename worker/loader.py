@@ -84,6 +84,7 @@ def load(name: str, options: LoadOptions | None = None) -> LoadedModel:
         context = min(context or options.max_context, options.max_context)
     plan_context = min(context or DEFAULT_CONTEXT, options.max_context or DEFAULT_CONTEXT)
     planned = planned_dtype(config, options.dtype)
+    processes.wait_for_turn_to_load()  # the copies loaded before it count below
     if local:
         # Before loading (the seed's model "wouldn't load on 192GB configs"): the
         # weights and at least one full sequence, or the batch the user asked for.
@@ -137,14 +138,14 @@ def load(name: str, options: LoadOptions | None = None) -> LoadedModel:
 
 def _let_the_other_processes_load(path: str, config: dict, options: LoadOptions,
                                   context: int) -> None:
-    """In the first load of a supervised worker process: let the processes started
-    after this one load now, beside it, where waiting for it buys nothing
+    """In the first load of a supervised worker process: let the processes after this
+    one load now, beside it, where waiting for it buys nothing
     (worker/processes.py): their copies fit in memory beside this one at the batch size
     they will use (``MemoryEstimate.fits_copies``), and no batch size is measured (a
     measurement wants the CPU alone).
 
-    Two processes here, the benchmark's job: 5 to 6 s of imports, loading and warm-up
-    each, which no longer add up.
+    Two processes here, the benchmark's job: 3 to 4 s of loading and warm-up each,
+    which no longer add up.
     """
     copies = processes.processes_to_start()
     if copies < 2:

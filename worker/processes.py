@@ -6,13 +6,14 @@ the database already makes several workers on one queue safe (each request is
 claimed by one, and the requests of one that dies are taken back). On Metal or CUDA
 one process owns the device, so ``auto`` means one there.
 
-The supervisor here never imports MLX. It starts the processes one at a time, each
-once the previous one is ready: a model's memory check then sees the copies already
+The supervisor here never imports MLX. It starts the processes together (their imports
+overlap) but lets them load their models one at a time, each once the previous one is
+ready (``wait_for_turn_to_load``): a model's memory check then sees the copies already
 loaded, and the first run's batch-size measurement (worker/batch_size.py) runs alone
 instead of seeing the others as contention. Where neither wait buys anything (the
-copies still to start fit in memory beside this one, and the batch size is known), a
-loading process says so (``notify_others_may_load``) and the next starts at once, so
-that imports, loading and warm-up overlap. They claim work once all have loaded,
+copies still to load fit in memory beside this one, and the batch size is known), a
+loading process says so (``notify_others_may_load``) and the next loads at once, so
+that loading and warm-up overlap too. They claim work once all have loaded,
 each up to a fair share (``GoAhead``, ``Store.fair_share``). It passes SIGINT and
 SIGTERM on to every process once (they run in their own process groups, so a Ctrl-C
 on the terminal reaches them only through it), and starts again a process that a signal killed (an
@@ -36,6 +37,7 @@ log = logging.getLogger("nightshift.processes")
 PROCESSES_ENV = "NIGHTSHIFT_WORKER_PROCESSES"
 READY_FD_ENV = "NIGHTSHIFT_WORKER_READY_FD"  # a child writes here once it is ready
 OTHERS_MAY_LOAD = b"s"  # on the ready pipe, before the readiness byte: see the docstring
+LOAD_FD_ENV = "NIGHTSHIFT_WORKER_LOAD_FD"  # a child loads its model once this is written
 GO_FD_ENV = "NIGHTSHIFT_WORKER_GO_FD"  # ...and claims work once the supervisor writes here
 INDEX_ENV = "NIGHTSHIFT_WORKER_PROCESS"  # "2/4": which of the supervisor's processes
 POLL_SECONDS = 0.2
@@ -96,6 +98,22 @@ def notify_others_may_load() -> None:
         log.warning("could not tell the supervisor to start the next process")
 
 
+def wait_for_turn_to_load() -> None:
+    """In a supervised process's first load: block until the processes started before
+    it are ready, or have said that it need not wait; at once otherwise. Called in the
+    loading thread: a stop signal meanwhile ends the process as any stop while loading
+    does (worker/service.py)."""
+    fd = os.environ.pop(LOAD_FD_ENV, None)
+    if fd is None:
+        return
+    waited = time.monotonic()
+    os.read(int(fd), 1)  # the byte, or end of file (the supervisor is gone): load
+    os.close(int(fd))
+    waited = time.monotonic() - waited
+    if waited >= 1.0:
+        log.info("waited %.1f s for the processes before this one to load", waited)
+
+
 class GoAhead:
     """In a supervised process: whether it may claim work yet (``WorkerOptions.may_claim``).
 
@@ -131,6 +149,7 @@ class Child:
     process: subprocess.Popen
     ready_pipe: int | None  # read end, until the child says it is ready (or dies)
     go_pipe: int | None  # write end, until the supervisor says go
+    load_pipe: int | None  # write end, until the supervisor lets it load
     ready_at: float | None = None
     others_may_load: bool = False  # the next process need not wait for this one
 
@@ -164,17 +183,17 @@ class Supervisor:
         log.info("starting %d worker processes, %d BLAS thread%s each",
                  self.count, threads, "" if threads == 1 else "s")
         try:
-            waiting = list(range(1, self.count + 1))  # started in order, each once ready
-            while waiting or self.children or self.restart_at:
+            for index in range(1, self.count + 1):
+                self._start(index, threads)
+            while self.children or self.restart_at:
                 self._pass_signals()
-                if waiting and not self.stopping and not self._holding_back():
-                    self._start(waiting.pop(0), threads)
-                if not waiting and not self._loading():
+                if not self.stopping:
+                    self._let_the_next_load()
+                if not self._loading():
                     self._say_go()  # every first start has ended loading (or failed)
                 self._start_due_restarts(threads)
                 self._watch()
                 if self.stopping:
-                    waiting.clear()
                     self.restart_at.clear()
         finally:
             for s, handler in previous.items():
@@ -201,10 +220,18 @@ class Supervisor:
     def _loading(self) -> bool:
         return any(c.ready_pipe is not None for c in self.children.values())
 
-    def _holding_back(self) -> bool:
-        """Whether a loading process wants the next to wait until it is ready."""
-        return any(c.ready_pipe is not None and not c.others_may_load
-                   for c in self.children.values())
+    def _let_the_next_load(self) -> None:
+        """Let the first process still waiting to load do so, unless one loading wants
+        the others to wait until it is ready."""
+        if any(c.load_pipe is None and c.ready_pipe is not None and not c.others_may_load
+               for c in self.children.values()):
+            return
+        child = next((self.children[i] for i in sorted(self.children)
+                      if self.children[i].load_pipe is not None), None)
+        if child is not None:
+            os.write(child.load_pipe, b"1")
+            os.close(child.load_pipe)
+            child.load_pipe = None
 
     def _say_go(self) -> None:
         for child in self.children.values():
@@ -216,22 +243,24 @@ class Supervisor:
     def _start(self, index: int, threads: int) -> None:
         ready_read, ready_write = os.pipe()
         go_read, go_write = os.pipe()
+        load_read, load_write = os.pipe()
         env = dict(self.env, **{
             READY_FD_ENV: str(ready_write), GO_FD_ENV: str(go_read),
-            INDEX_ENV: f"{index}/{self.count}", blas.OPENBLAS_THREADS_ENV: str(threads),
+            LOAD_FD_ENV: str(load_read), INDEX_ENV: f"{index}/{self.count}",
+            blas.OPENBLAS_THREADS_ENV: str(threads),
         })
         process = subprocess.Popen(child_argv(self.argv), env=env,
-                                   pass_fds=(ready_write, go_read), start_new_session=True,
-                                   preexec_fn=self._die_with_parent)
-        os.close(ready_write)
-        os.close(go_read)
-        self.children[index] = Child(index, process, ready_read, go_write)
+                                   pass_fds=(ready_write, go_read, load_read),
+                                   start_new_session=True, preexec_fn=self._die_with_parent)
+        for fd in (ready_write, go_read, load_read):
+            os.close(fd)
+        self.children[index] = Child(index, process, ready_read, go_write, load_write)
         log.info("worker process %d/%d started (pid %d)", index, self.count, process.pid)
 
     def _start_due_restarts(self, threads: int) -> None:
         now = time.monotonic()
         for index, when in list(self.restart_at.items()):
-            if when <= now and not self._holding_back():
+            if when <= now:
                 del self.restart_at[index]
                 self._start(index, threads)
 
@@ -259,7 +288,7 @@ class Supervisor:
 
     def _ended(self, child: Child, code: int) -> None:
         del self.children[child.index]
-        for fd in (child.ready_pipe, child.go_pipe):
+        for fd in (child.ready_pipe, child.go_pipe, child.load_pipe):
             if fd is not None:
                 os.close(fd)
         self.codes[child.index] = code
