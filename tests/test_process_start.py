@@ -4,12 +4,14 @@ The supervisor (worker/processes.py) runs stand-in child processes here, small P
 scripts that speak its pipe protocol, so the order is exact and takes a second: all
 start at once; a process that says the others may load lets the next load while it is
 still loading; one that does not holds it back until it is ready. The loader's side (when a real
-worker says so) is checked through ``MemoryEstimate.fits_copies`` and
-``processes_to_start``; tests/test_processes.py runs real worker processes.
+worker says so) is checked through ``MemoryEstimate.fits_copies``,
+``processes_to_load`` and one real load; tests/test_processes.py runs real worker
+processes.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -66,14 +68,14 @@ def test_otherwise_the_next_waits_until_it_is_ready(tmp_path, monkeypatch):
     assert at["ready 2"] < min(at["go 1"], at["go 2"]), at
 
 
-def test_processes_to_start_counts_itself_and_those_after_it(monkeypatch):
+def test_processes_to_load_counts_itself_and_those_after_it(monkeypatch):
     monkeypatch.delenv(processes.INDEX_ENV, raising=False)
-    assert processes.processes_to_start() == 1  # not supervised
+    assert processes.processes_to_load() == 1  # not supervised
     monkeypatch.setenv(processes.INDEX_ENV, "2/4")
     monkeypatch.setenv(processes.READY_FD_ENV, "99")
-    assert processes.processes_to_start() == 3
+    assert processes.processes_to_load() == 3
     monkeypatch.delenv(processes.READY_FD_ENV)  # ready already: a later load
-    assert processes.processes_to_start() == 1
+    assert processes.processes_to_load() == 1
 
 
 @pytest.mark.parametrize("available_gb, copies, fits", [(2.4, 3, True), (2.2, 3, False),
@@ -85,6 +87,25 @@ def test_copies_fit_with_their_weights_loaded_and_one_cache_grown(available_gb, 
                                 context_tokens=1024, kv_per_sequence=gb // 16)
     # 1 GB for the first copy, 0.5 GB of weights for each other; 15% to spare.
     assert est.fits_copies(copies) is fits
+
+
+@pytest.mark.slow
+def test_a_load_with_a_remembered_batch_size_lets_the_next_load(smollm2, monkeypatch):
+    """The worker's usual case: no --batch-size, the size measured at an earlier start.
+    The loader looks it up before loading, under the plan it expects to choose; a key
+    that differed from the one the measurement stored would hold every start back."""
+    from nightshift.worker import batch_size, loader, registry
+
+    first = loader.load(smollm2, loader.LoadOptions(batch_size=4))
+    batch_size.remember_batch_size(registry.resolve(smollm2), first.plan, 4, {4: 100.0})
+    read, write = os.pipe()
+    monkeypatch.setenv(processes.INDEX_ENV, "1/2")
+    monkeypatch.setenv(processes.READY_FD_ENV, str(write))
+    second = loader.load(smollm2)
+    os.close(write)
+    assert second.plan.batch_size == 4
+    assert os.read(read, 1) == processes.OTHERS_MAY_LOAD
+    os.close(read)
 
 
 def test_the_supervisor_never_imports_mlx():

@@ -147,7 +147,7 @@ def _let_the_other_processes_load(path: str, config: dict, options: LoadOptions,
     Two processes here, the benchmark's job: 3 to 4 s of loading and warm-up each,
     which no longer add up.
     """
-    copies = processes.processes_to_start()
+    copies = processes.processes_to_load()
     if copies < 2:
         return
     batch_size = options.batch_size or remembered_batch_size(path,

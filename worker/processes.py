@@ -76,9 +76,9 @@ def notify_ready() -> None:
         log.warning("could not tell the supervisor this worker is ready")
 
 
-def processes_to_start() -> int:
+def processes_to_load() -> int:
     """In a supervised process still loading for the first time: itself and the
-    supervisor's processes after it, which wait for it; otherwise 1."""
+    supervisor's processes after it, which wait for their turn to load; otherwise 1."""
     index = os.environ.get(INDEX_ENV)
     if not index or READY_FD_ENV not in os.environ:
         return 1
@@ -87,15 +87,15 @@ def processes_to_start() -> int:
 
 
 def notify_others_may_load() -> None:
-    """In a supervised process still loading: the supervisor may start the next process
-    now instead of once this one is ready."""
+    """In a supervised process still loading: the supervisor may let the next process
+    load now instead of once this one is ready."""
     fd = os.environ.get(READY_FD_ENV)
     if fd is None:
         return
     try:
         os.write(int(fd), OTHERS_MAY_LOAD)
     except OSError:
-        log.warning("could not tell the supervisor to start the next process")
+        log.warning("could not tell the supervisor to let the next process load")
 
 
 def wait_for_turn_to_load() -> None:
