@@ -34,6 +34,15 @@ def env(**extra) -> dict:
     return out
 
 
+def run_script(script: str, *args: str, **extra) -> dict:
+    """Run ``python -c script ARGS`` as a worker process would run (``env``); returns
+    the JSON of its last line of output."""
+    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=env(**extra))
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def start_worker(*args, log_path: Path, phases: Path | None = None, **extra) -> subprocess.Popen:
     """Start the real `nightshift worker ARGS` with probes (tests/probed_worker.py)."""
     if phases is not None:

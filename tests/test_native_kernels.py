@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from nightshift.worker import native_kernels
 
-from tests.chaos import env
+from tests.chaos import env, run_script
 
 REPO = Path(__file__).resolve().parent.parent
 # MLX's own, also once a model loaded in this session has installed ours.
@@ -117,13 +117,8 @@ print(json.dumps({"plan": loaded.plan.describe(), "texts": out.texts}))
 
 
 def test_a_model_gives_the_same_greedy_tokens(tiny_model):
-    runs = {}
-    for flag in ("1", "0"):
-        proc = subprocess.run([sys.executable, "-c", GREEDY, tiny_model], cwd=REPO,
-                              capture_output=True, text=True, timeout=300,
-                              env=env(NIGHTSHIFT_NATIVE_KERNELS=flag))
-        assert proc.returncode == 0, proc.stderr
-        runs[flag] = json.loads(proc.stdout.strip().splitlines()[-1])
+    runs = {flag: run_script(GREEDY, tiny_model, NIGHTSHIFT_NATIVE_KERNELS=flag)
+            for flag in ("1", "0")}
     assert "kernels for this CPU" in runs["1"]["plan"]
     assert "kernels for this CPU" not in runs["0"]["plan"]
     assert runs["1"]["texts"] == runs["0"]["texts"]

@@ -88,6 +88,23 @@ def openblas_loaded(pid: int | str = "self") -> bool:
     return "libopenblas" in maps
 
 
+def openblas_threads() -> int | None:
+    """The BLAS threads of this process's OpenBLAS; None where it does not use OpenBLAS."""
+    if not openblas_loaded():
+        return None
+    return int(os.environ.get(OPENBLAS_THREADS_ENV) or cpu_threads())
+
+
+def avx512() -> bool:
+    """Whether this CPU has AVX-512 (Linux: ``/proc/cpuinfo``)."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return " avx512f " in f"{flags} "
+
+
 def cpu_threads() -> int:
     """Physical cores this process may use: OpenBLAS gains nothing from SMT siblings."""
     try:

@@ -115,6 +115,9 @@ def load(name: str, options: LoadOptions | None = None) -> LoadedModel:
         if plan.device == "cpu":  # before anything is compiled: the batch-size measurement
             plan.native_kernels = native_kernels.enable()
         converted_weights.apply(model, plan, path if local else None)
+        from nightshift.worker import packed_linear  # imports MLX
+
+        plan.packed_linear = packed_linear.apply(model, plan)
         estimate = None
         if local:
             if not plan.batch_size:  # measured once per model and machine, within memory

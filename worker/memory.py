@@ -29,13 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nightshift.jobs.errors import ResourceError
-from nightshift.worker.blas import mlx_backend
+from nightshift.worker.blas import mlx_backend, openblas_threads
 from nightshift.worker.model_files import (
     parameter_counts,
     quantized_layers,
     read_config,
     tensor_headers,
 )
+from nightshift.worker.plan import packs_linear_weights
 from nightshift.worker.prefill import prefill_settings
 
 GB = 1e9
@@ -264,6 +265,8 @@ def estimate(
         device = mlx_backend()
     act_bytes = kv_dtype_bytes or dtype_bytes_weights or activation_dtype_bytes(model_path)
     weights = resident_weights_bytes(model_path, dtype_bytes_weights)
+    if packs_linear_weights(device, act_bytes == 4, openblas_threads()):
+        weights *= 2  # and a packed copy for the decode's matmuls (worker/packed_linear.py)
     per_token = kv_bytes_per_token(config, act_bytes)
     # The decode loop computes one step ahead, so a full context writes one more token.
     kv_per_sequence = _kv_tokens(context_tokens + 1) * per_token

@@ -46,13 +46,10 @@ def enable() -> bool:
         return True
     if os.environ.get(NATIVE_ENV, "1") == "0" or not sys.platform.startswith("linux"):
         return False
-    # The real one: a process started by a worker inherits the wrapper's folder on PATH.
-    path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
-                           if "nightshift-kernels-" not in d)
-    compiler = shutil.which("g++", path=path)
+    compiler = real_compiler()
     if compiler is None:
         return False
-    folder = _folder(compiler)
+    folder = kernels_folder(compiler)
     if folder is None:
         return False
     wrapper = folder / "bin" / "g++"
@@ -72,9 +69,17 @@ def enable() -> bool:
     return True
 
 
-def _folder(compiler: str) -> Path | None:
+def real_compiler() -> str | None:
+    """``g++``, not the wrapper: a process started by a worker inherits its folder on PATH."""
+    path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                           if "nightshift-kernels-" not in d)
+    return shutil.which("g++", path=path)
+
+
+def kernels_folder(compiler: str) -> Path | None:
     """The kernels' folder: one per user, CPU model and instruction set, and compiler,
-    this user's alone (MLX loads what it finds there); None if it cannot be."""
+    this user's alone (MLX and worker/packed_linear.py load what they find there); None
+    if it cannot be."""
     try:
         cpu = "\n".join(line for line in Path("/proc/cpuinfo").read_text().splitlines()
                         if line.startswith(("model name", "flags", "Features")))

@@ -16,6 +16,7 @@ from typing import Any
 from nightshift.worker import blas
 
 WEIGHT_DTYPES = ("as-loaded", "float32", "bfloat16", "float16")
+PACKED_LINEAR_ENV = "NIGHTSHIFT_PACKED_LINEAR"  # "0": MLX's matmul for every linear layer
 
 
 @dataclass
@@ -30,6 +31,7 @@ class ComputePlan:
         batch_size: sequences decoded together; None until chosen or measured.
         threads: BLAS threads (OpenBLAS only).
         native_kernels: MLX's CPU kernels built for this machine (worker/native_kernels.py).
+        packed_linear: weight matrices a decode step reads packed (worker/packed_linear.py).
     """
 
     device: str
@@ -40,6 +42,7 @@ class ComputePlan:
     threads: int | None = None
     batch_curve: dict[int, float] = field(default_factory=dict)
     native_kernels: bool = False
+    packed_linear: int = 0
 
     def describe(self) -> str:
         """One line for the worker's start-up message and the benchmark."""
@@ -50,6 +53,8 @@ class ComputePlan:
             weights = f"weights {self.loaded} -> {self.weights}"
         batch = f"batch {self.batch_size}" if self.batch_size else "batch to measure"
         kernels = ", kernels for this CPU" if self.native_kernels else ""
+        if self.packed_linear:
+            kernels += ", decode matmuls packed"
         return f"{self.device}, BLAS {blas}{kernels}, {weights}, {batch}"
 
 
@@ -150,6 +155,14 @@ def expected_plan(config: dict, dtype: str | None = None) -> ComputePlan:
                        threads=threads)
 
 
+def packs_linear_weights(device: str, float32: bool, threads: int | None) -> bool:
+    """Whether worker/packed_linear.py serves the decode's matmuls from a packed copy of
+    the weights: float32 weights on an AVX-512 CPU, one BLAS thread per process (the
+    default there), unless ``NIGHTSHIFT_PACKED_LINEAR=0``."""
+    return (os.environ.get(PACKED_LINEAR_ENV, "1") != "0" and device == "cpu" and float32
+            and threads == 1 and blas.avx512())
+
+
 def _device_and_blas() -> tuple[str, str, int | None]:
     """This process's device, BLAS library and BLAS threads (OpenBLAS only)."""
     import mlx.core as mx
@@ -159,10 +172,8 @@ def _device_and_blas() -> tuple[str, str, int | None]:
                 "accelerate" if sys.platform == "darwin" else "n/a", None)
     if sys.platform == "darwin":
         return "cpu", "accelerate", None
-    if blas.openblas_loaded():
-        return "cpu", "openblas", int(os.environ.get(blas.OPENBLAS_THREADS_ENV)
-                                      or blas.cpu_threads())
-    return "cpu", "reference", None
+    threads = blas.openblas_threads()
+    return ("cpu", "openblas", threads) if threads else ("cpu", "reference", None)
 
 
 def apply_plan(model: Any, plan: ComputePlan, converted: dict[str, Any] | None = None) -> Any:
