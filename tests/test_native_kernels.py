@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from nightshift.worker import native_kernels
+from nightshift.worker import cpu_kernels, native_kernels
 
 from tests.chaos import env, run_script
 
@@ -122,3 +122,25 @@ def test_a_model_gives_the_same_greedy_tokens(tiny_model):
     assert "kernels for this CPU" in runs["1"]["plan"]
     assert "kernels for this CPU" not in runs["0"]["plan"]
     assert runs["1"]["texts"] == runs["0"]["texts"]
+
+
+@pytest.mark.skipif(cpu_kernels.library() is None,
+                    reason="nightshift's CPU kernels need x86-64 with AVX-512 and g++")
+def test_swiglu_is_mlx_lm_s_to_the_bit():
+    from mlx_lm.models.activations import swiglu
+
+    rng = np.random.default_rng(3)
+    # Every 97th float32 bit pattern (NaNs, infinities, subnormals, both signs), then
+    # random values at the scales a model's gates take, odd lengths for the tail.
+    patterns = np.arange(0, 2**32, 97, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    cases = [(patterns, np.ones_like(patterns))]
+    for scale in (0.01, 1, 8, 60, 1000):
+        cases.append(((rng.standard_normal(100_003) * scale).astype(np.float32),
+                      rng.standard_normal(100_003).astype(np.float32)))
+    for gate, up in cases:
+        expected = np.asarray(swiglu(mx.array(gate), mx.array(up)))
+        got = np.asarray(native_kernels.swiglu(mx.array(gate), mx.array(up)))
+        same = (got == expected) | (np.isnan(got) & np.isnan(expected))
+        assert same.all(), gate[~same][:5]
+    shaped = mx.array(rng.standard_normal((3, 1, 40)).astype(np.float32))
+    assert native_kernels.swiglu(shaped, shaped).shape == (3, 1, 40)

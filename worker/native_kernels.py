@@ -18,6 +18,13 @@ attention (about 70% of it at prefill). ``enable`` also replaces
 fallback, op for op: ``attention``) but for the softmax's ``exp``, which goes through a
 compiled kernel: identical outputs (tests/test_native_kernels.py), attention about 1.9x
 faster.
+
+Even so built, a compiled kernel runs MLX's ``exp`` one element at a time. On an AVX-512
+CPU, mlx-lm's SwiGLU goes through nightshift's own kernel instead (``swiglu``,
+cpu_kernels.cpp): MLX's ``exp``, sigmoid and products 16 lanes at a time, operation for
+operation, so the same bits (checked on every 97th float32 bit pattern and on
+millions of random inputs); 2.5-2.8x faster at decode and prefill shapes, 1.02x on one
+process's share of the benchmark's job (benchmarks/lever.py).
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ def enable() -> bool:
     other platforms, without g++, or with ``NIGHTSHIFT_NATIVE_KERNELS=0``."""
     global _enabled
     if _enabled:
+        _install_swiglu()  # into the modules of models loaded since
         return True
     if os.environ.get(NATIVE_ENV, "1") == "0" or not sys.platform.startswith("linux"):
         return False
@@ -64,6 +72,7 @@ def enable() -> bool:
     os.environ["PATH"] = os.pathsep.join([str(wrapper.parent), os.environ.get("PATH", "")])
     os.environ["TMPDIR"] = str(folder / "tmp")
     _install_attention()
+    _install_swiglu()
     _enabled = True
     log.info("MLX's CPU kernels are built for this machine (g++ %s)", " ".join(FLAGS))
     return True
@@ -111,6 +120,38 @@ def _install_attention() -> None:
 
     scaled_dot_product_attention.__wrapped__ = original  # MLX's own, for comparison
     mx.fast.scaled_dot_product_attention = scaled_dot_product_attention
+
+
+def _install_swiglu() -> None:
+    """Route mlx-lm's SwiGLU, in every model module that imported it, through
+    ``swiglu`` where nightshift's CPU kernels build here."""
+    from mlx_lm.models import activations
+    from nightshift.worker import cpu_kernels
+
+    if cpu_kernels.library() is None:
+        return
+    for name, module in list(sys.modules.items()):
+        if (name.startswith("mlx_lm.models.") and module is not activations
+                and getattr(module, "swiglu", None) is activations.swiglu):
+            module.swiglu = swiglu  # activations.swiglu stays: the fallback
+
+
+def swiglu(gate, x):
+    """mlx-lm's ``swiglu`` (``nn.silu(gate) * x``) bit for bit, in one pass of
+    cpu_kernels.cpp for float32 arrays of one shape (2.5-2.8x faster); MLX's otherwise."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm.models import activations
+    from nightshift.worker import cpu_kernels
+
+    if not (gate.dtype == x.dtype == mx.float32 and gate.shape == x.shape):
+        return activations.swiglu(gate, x)
+    gate_in = np.ascontiguousarray(np.asarray(gate))
+    x_in = np.ascontiguousarray(np.asarray(x))
+    out = np.empty_like(gate_in)
+    cpu_kernels.library().swiglu(out.size, cpu_kernels.pointer(gate_in),
+                                 cpu_kernels.pointer(x_in), cpu_kernels.pointer(out))
+    return mx.array(out)
 
 
 def attention(q, k, v, *, scale: float, mask=None):
@@ -166,4 +207,4 @@ def _shifted_exp():
     return _compiled
 
 
-__all__ = ["enable", "attention", "softmax"]
+__all__ = ["enable", "attention", "softmax", "swiglu"]

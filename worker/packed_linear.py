@@ -4,10 +4,10 @@ A decode step multiplies a few rows (one per live sequence: 32 in each of the tw
 processes of a 64-prompt job here) by every weight matrix. OpenBLAS packs the weight
 again at every call, and at 32 rows that packing takes as long as the multiplication
 (``sgemm_incopy``, README "Speed"); from a cold cache it reaches 45-56 GFLOP/s on the
-default model's shapes at 26-32 rows. ``packed_linear.cpp`` keeps each weight packed in
-32-column panels and streams them: 87-109 GFLOP/s there, 1.4-1.9x. Through the worker
-(the benchmark's 64 prompts, two processes): serving 33.6-33.9 s -> 30.3-30.7 s, the
-same answers.
+default model's shapes at 26-32 rows. ``packed_matmul`` (cpu_kernels.cpp) keeps each
+weight packed in 32-column panels and streams them: 87-109 GFLOP/s there, 1.4-1.9x.
+Through the worker (the benchmark's 64 prompts, two processes): serving 33.6-33.9 s ->
+30.3-30.7 s, the same answers.
 
 The results are OpenBLAS's, bit for bit: the kernel sums each output in the order
 OpenBLAS's kernels do (one fused multiply-add chain per block of K, the blocks added in
@@ -28,19 +28,17 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from nightshift.worker import cpu_kernels
 from nightshift.worker.plan import packs_linear_weights
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("packed_linear.cpp")
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared")
 PANEL = 32
 # Rows up to which the kernel serves a matmul: a decode step's batch. Beyond, OpenBLAS's
 # blocked sgemm catches up (1.2x at 64 rows, prefill runs thousands).
@@ -60,7 +58,7 @@ def apply(model: Any, plan: Any) -> int:
     float32 = plan.weights in ("float32", "as-loaded")
     if not packs_linear_weights(plan.device, float32, plan.threads):
         return 0
-    library = _library()
+    library = cpu_kernels.library()
     if library is None:
         return 0
     targets = [(parent, key, child) for parent, key, child in _children(model)
@@ -98,7 +96,8 @@ class PackedWeight:
         self.min_rows = 1  # set by the check
         self.packed = np.empty(self.n * self.k, np.float32)
         source = np.ascontiguousarray(np.asarray(weight))
-        library.pack(self.n, self.k, _pointer(source), _pointer(self.packed))
+        pointer = cpu_kernels.pointer
+        library.pack(self.n, self.k, pointer(source), pointer(self.packed))
         splits = openblas_k_blocks(self.k)
         self.splits = (ctypes.c_long * max(1, len(splits)))(*splits)
         self.n_splits = len(splits)
@@ -111,9 +110,9 @@ class PackedWeight:
         rows = x.size // self.k
         source = np.ascontiguousarray(np.asarray(x).reshape(rows, self.k))
         out = np.empty((rows, self.n), np.float32)
-        self.library.packed_matmul(rows, self.n, self.k, _pointer(source),
-                                   _pointer(self.packed), _pointer(out), self.splits,
-                                   self.n_splits)
+        pointer = cpu_kernels.pointer
+        self.library.packed_matmul(rows, self.n, self.k, pointer(source), pointer(self.packed),
+                                   pointer(out), self.splits, self.n_splits)
         return mx.array(out).reshape(*x.shape[:-1], self.n)
 
 
@@ -228,51 +227,6 @@ def _children(module: Any):
                 stack.append(child)
             elif isinstance(child, (list, tuple, dict)):
                 stack.append(child)
-
-
-def _pointer(array: Any) -> ctypes.c_void_p:
-    return ctypes.c_void_p(array.ctypes.data)
-
-
-_loaded: ctypes.CDLL | None = None
-
-
-def _library() -> ctypes.CDLL | None:
-    """The kernel, built for this CPU once (in the native kernels' folder); None if it
-    cannot be built here."""
-    global _loaded
-    if _loaded is not None:
-        return _loaded
-    from nightshift.worker import native_kernels
-
-    compiler = native_kernels.real_compiler()
-    folder = native_kernels.kernels_folder(compiler) if compiler else None
-    if folder is None:
-        return None
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:12]
-    target = folder / f"packed_linear-{key}.so"
-    if not target.exists():
-        tmp = folder / f".packed_linear-{os.getpid()}.so"
-        try:
-            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp)], check=True,
-                           capture_output=True, text=True, timeout=120)
-            os.replace(tmp, target)  # several workers may build at once
-        except (OSError, subprocess.SubprocessError) as exc:
-            detail = getattr(exc, "stderr", None) or exc
-            log.info("decode matmuls: MLX's (the packed kernel does not build: %s)",
-                     " ".join(str(detail).split())[:200])
-            tmp.unlink(missing_ok=True)
-            return None
-    library = ctypes.CDLL(str(target))
-    for name in ("pack", "packed_matmul"):
-        getattr(library, name).restype = None
-    library.pack.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-    library.packed_matmul.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_long,
-                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                      ctypes.c_void_p, ctypes.c_long]
-    _loaded = library
-    return library
 
 
 __all__ = ["apply", "openblas_k_blocks", "PackedLinear", "PackedWeight"]

@@ -1,0 +1,161 @@
+// nightshift's own CPU kernels, for x86-64 with AVX-512 (worker/cpu_kernels.py builds them
+// for the CPU at hand). Each gives the bits MLX computes on a CPU; tests/test_packed_linear.py
+// and tests/test_native_kernels.py check that.
+//
+// packed_matmul: the linear layers of a decode step (worker/packed_linear.py).
+// C[M x N] = X[M x K] . W^T for a Linear's weight W[N x K], with few rows (a decode step's
+// sequences). OpenBLAS packs W again at every call, and at such M the packing takes as
+// long as the multiplication; here W is packed once, in panels of 32 output columns
+// (panel p holds W[32p .. 32p+31][k] for k = 0..K-1, k-major), and streamed.
+//
+// The same bits as OpenBLAS's sgemm: each C element is one fused multiply-add chain
+// over k, restarted at each boundary in `splits` (OpenBLAS's blocking of K), and the
+// partial sums are added in order. packed_linear.py checks that on this machine before
+// using it.
+//
+// swiglu: mlx-lm's SwiGLU, silu(gate) * up, with MLX's CPU exp and sigmoid (mlx/backend/cpu/
+// simd/math.h, unary_ops.h) done 16 lanes at a time, operation for operation (built with
+// -ffp-contract=off, as MLX's own never fuses what it keeps apart): 2.5-2.8x MLX's.
+#include <immintrin.h>
+
+#include <cmath>
+
+#ifndef __AVX512F__
+#error "needs AVX-512"
+#endif
+
+namespace {
+
+constexpr int PANEL = 32;     // output columns per panel: two 16-float registers
+constexpr int MAX_ROWS = 12;  // rows per block: 24 accumulators of the 32 registers
+constexpr int PREFETCH = 512; // floats ahead in the panel (2 KB): the stream is memory-bound
+
+template <int MR>
+void block(const float* x, long ldx, const float* panel, float* c, long ldc, long k0,
+           long k1, bool first) {
+  __m512 lo[MR], hi[MR];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m) {
+    lo[m] = _mm512_setzero_ps();
+    hi[m] = _mm512_setzero_ps();
+  }
+  const float* w = panel + k0 * PANEL;
+  for (long k = k0; k < k1; ++k, w += PANEL) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + PREFETCH), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + PREFETCH + 16), _MM_HINT_T0);
+    const __m512 w_lo = _mm512_loadu_ps(w), w_hi = _mm512_loadu_ps(w + 16);
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      const __m512 xm = _mm512_set1_ps(x[m * ldx + k]);
+      lo[m] = _mm512_fmadd_ps(xm, w_lo, lo[m]);
+      hi[m] = _mm512_fmadd_ps(xm, w_hi, hi[m]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m) {
+    float* cm = c + m * ldc;
+    if (first) {
+      _mm512_storeu_ps(cm, lo[m]);
+      _mm512_storeu_ps(cm + 16, hi[m]);
+    } else {
+      _mm512_storeu_ps(cm, _mm512_add_ps(_mm512_loadu_ps(cm), lo[m]));
+      _mm512_storeu_ps(cm + 16, _mm512_add_ps(_mm512_loadu_ps(cm + 16), hi[m]));
+    }
+  }
+}
+
+using Block = void (*)(const float*, long, const float*, float*, long, long, long, bool);
+const Block blocks[MAX_ROWS + 1] = {nullptr,   block<1>, block<2>,  block<3>, block<4>,
+                                    block<5>,  block<6>, block<7>,  block<8>, block<9>,
+                                    block<10>, block<11>, block<12>};
+
+// MLX's exp: x * log2(e) split into integer and fraction (its x + 0.5 is a double there:
+// here too, or a float rounding up to the next integer would floor differently), a
+// polynomial in the fraction, times 2^integer; NaN as is, inf above 88, 0 below -88.
+inline __m512 exp_mlx(__m512 x_init) {
+  const __m512 x = _mm512_mul_ps(x_init, _mm512_set1_ps(1.442695f));
+  const __m512d half = _mm512_set1_pd(0.5);
+  constexpr int FLOOR = _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC;
+  const __m512d x_lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
+  const __m512d x_hi = _mm512_cvtps_pd(
+      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+  const __m256 ipart_lo = _mm512_cvtpd_ps(_mm512_roundscale_pd(_mm512_add_pd(x_lo, half), FLOOR));
+  const __m256 ipart_hi = _mm512_cvtpd_ps(_mm512_roundscale_pd(_mm512_add_pd(x_hi, half), FLOOR));
+  const __m512 ipart = _mm512_insertf32x8(_mm512_castps256_ps512(ipart_lo), ipart_hi, 1);
+  const __m512 fpart = _mm512_sub_ps(x, ipart);
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, fpart, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, fpart, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, fpart, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, fpart, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, fpart, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, fpart, _mm512_set1_ps(1.000000000000000f));
+  const __m512i epart = _mm512_slli_epi32(
+      _mm512_add_epi32(_mm512_cvttps_epi32(ipart), _mm512_set1_epi32(127)), 23);
+  __m512 result = _mm512_mul_ps(_mm512_castsi512_ps(epart), p);
+  result = _mm512_mask_mov_ps(result, _mm512_cmp_ps_mask(x_init, x_init, _CMP_UNORD_Q), x_init);
+  result = _mm512_mask_mov_ps(
+      result, _mm512_cmp_ps_mask(x_init, _mm512_set1_ps(88.0f), _CMP_GT_OQ),
+      _mm512_set1_ps(INFINITY));
+  return _mm512_mask_mov_ps(
+      result, _mm512_cmp_ps_mask(x_init, _mm512_set1_ps(-88.0f), _CMP_LT_OQ),
+      _mm512_setzero_ps());
+}
+
+// MLX's sigmoid, 1 / (1 + exp(|x|)) or one minus it, and nn.silu: x * sigmoid(x).
+inline __m512 silu_mlx(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 y = _mm512_div_ps(one, _mm512_add_ps(one, exp_mlx(_mm512_abs_ps(x))));
+  const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+  return _mm512_mul_ps(x, _mm512_mask_mov_ps(_mm512_sub_ps(one, y), negative, y));
+}
+
+}  // namespace
+
+extern "C" {
+
+// out = silu(gate) * up, n elements each, contiguous.
+void swiglu(long n, const float* gate, const float* up, float* out) {
+  long i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(silu_mlx(_mm512_loadu_ps(gate + i)),
+                                            _mm512_loadu_ps(up + i)));
+  if (i < n) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(out + i, tail,
+                          _mm512_mul_ps(silu_mlx(_mm512_maskz_loadu_ps(tail, gate + i)),
+                                        _mm512_maskz_loadu_ps(tail, up + i)));
+  }
+}
+
+// W[N x K] row-major -> N/32 panels of K x 32. N must be a multiple of 32.
+void pack(long n, long k, const float* w, float* out) {
+  for (long p = 0; p < n / PANEL; ++p)
+    for (long j = 0; j < PANEL; ++j) {
+      const float* row = w + (p * PANEL + j) * k;
+      float* dst = out + p * k * PANEL + j;
+      for (long i = 0; i < k; ++i) dst[i * PANEL] = row[i];
+    }
+}
+
+// C[M x N] = X[M x K] . W^T from W packed by `pack`; X and C row-major, contiguous.
+void packed_matmul(long m, long n, long k, const float* x, const float* packed, float* c,
+                   const long* splits, long n_splits) {
+  const long row_blocks = (m + MAX_ROWS - 1) / MAX_ROWS;
+  for (long p = 0; p < n / PANEL; ++p) {
+    const float* panel = packed + p * k * PANEL;
+    long m0 = 0;
+    for (long b = 0; b < row_blocks; ++b) {
+      const long rows = (m - m0) / (row_blocks - b);  // blocks of even size
+      long k0 = 0;
+      for (long s = 0; s <= n_splits; ++s) {
+        const long k1 = s < n_splits ? splits[s] : k;
+        blocks[rows](x + m0 * k, k, panel, c + m0 * n + p * PANEL, n, k0, k1, s == 0);
+        k0 = k1;
+      }
+      m0 += rows;
+    }
+  }
+}
+
+}  // extern "C"
