@@ -114,6 +114,23 @@ inline __m512 silu_mlx(__m512 x) {
 
 extern "C" {
 
+// out[r][j] = exp(x[r][j] - m[r]): the exponentials of a softmax, rows x cols contiguous.
+void shifted_exp(long rows, long cols, const float* x, const float* m, float* out) {
+  for (long r = 0; r < rows; ++r) {
+    const float* xr = x + r * cols;
+    float* outr = out + r * cols;
+    const __m512 shift = _mm512_set1_ps(m[r]);
+    long j = 0;
+    for (; j + 16 <= cols; j += 16)
+      _mm512_storeu_ps(outr + j, exp_mlx(_mm512_sub_ps(_mm512_loadu_ps(xr + j), shift)));
+    if (j < cols) {
+      const __mmask16 tail = static_cast<__mmask16>((1u << (cols - j)) - 1);
+      _mm512_mask_storeu_ps(outr + j, tail,
+                            exp_mlx(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, xr + j), shift)));
+    }
+  }
+}
+
 // out = silu(gate) * up, n elements each, contiguous.
 void swiglu(long n, const float* gate, const float* up, float* out) {
   long i = 0;

@@ -6,7 +6,7 @@ through ctypes, each giving MLX's bits faster than MLX's CPU backend does.
 
 They need x86-64 with AVX-512 and ``g++``; elsewhere ``library()`` is None and MLX's
 own kernels run. The build (about 2 s) lands in the folder of MLX's kernels built for
-this machine (``native_kernels.kernels_folder``: per user, CPU and compiler).
+this machine (worker/kernel_folder.py: per user, CPU and compiler).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ SIGNATURES = {
     "pack": [_LONG, _LONG, _POINTER, _POINTER],
     "packed_matmul": [_LONG, _LONG, _LONG, _POINTER, _POINTER, _POINTER, _POINTER, _LONG],
     "swiglu": [_LONG, _POINTER, _POINTER, _POINTER],
+    "shifted_exp": [_LONG, _LONG, _POINTER, _POINTER, _POINTER],
 }
 
 _loaded: ctypes.CDLL | None | bool = False  # False: not tried yet
@@ -46,12 +47,12 @@ def pointer(array) -> ctypes.c_void_p:
 
 
 def _build_and_load() -> ctypes.CDLL | None:
-    from nightshift.worker import blas, native_kernels
+    from nightshift.worker import blas, kernel_folder
 
     if not blas.avx512():
         return None
-    compiler = native_kernels.real_compiler()
-    folder = native_kernels.kernels_folder(compiler) if compiler else None
+    compiler = kernel_folder.real_compiler()
+    folder = kernel_folder.kernels_folder(compiler) if compiler else None
     if folder is None:
         return None
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]

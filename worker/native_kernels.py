@@ -24,23 +24,22 @@ CPU, mlx-lm's SwiGLU goes through nightshift's own kernel instead (``swiglu``,
 cpu_kernels.cpp): MLX's ``exp``, sigmoid and products 16 lanes at a time, operation for
 operation, so the same bits (checked on every 97th float32 bit pattern and on
 millions of random inputs); 2.5-2.8x faster at decode and prefill shapes, 1.02x on one
-process's share of the benchmark's job (benchmarks/lever.py).
+process's share of the benchmark's job (benchmarks/lever.py). The softmax's
+exponentials go through the same ``exp`` (``shifted_exp``): 1.02x more.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import shutil
 import sys
-import tempfile
-from pathlib import Path
+
+from nightshift.worker import kernel_folder
+from nightshift.worker.kernel_folder import MLX_FLAGS
 
 log = logging.getLogger(__name__)
 
 NATIVE_ENV = "NIGHTSHIFT_NATIVE_KERNELS"  # "0": MLX's kernels as MLX builds them
-FLAGS = ("-march=native", "-ffp-contract=off")
 _enabled = False
 
 
@@ -54,10 +53,10 @@ def enable() -> bool:
         return True
     if os.environ.get(NATIVE_ENV, "1") == "0" or not sys.platform.startswith("linux"):
         return False
-    compiler = real_compiler()
+    compiler = kernel_folder.real_compiler()
     if compiler is None:
         return False
-    folder = kernels_folder(compiler)
+    folder = kernel_folder.kernels_folder(compiler)
     if folder is None:
         return False
     wrapper = folder / "bin" / "g++"
@@ -65,7 +64,7 @@ def enable() -> bool:
         (folder / "bin").mkdir(exist_ok=True)
         tmp = wrapper.with_name(f".g++.{os.getpid()}")
         tmp.write_text(f'#!/bin/sh\ncase "$*" in *"/mlx/include"*) exec "{compiler}" "$@" '
-                       f'{" ".join(FLAGS)} ;; esac\nexec "{compiler}" "$@"\n')
+                       f'{" ".join(MLX_FLAGS)} ;; esac\nexec "{compiler}" "$@"\n')
         tmp.chmod(0o755)
         os.replace(tmp, wrapper)  # several workers may start at once
     (folder / "tmp").mkdir(exist_ok=True)
@@ -74,37 +73,8 @@ def enable() -> bool:
     _install_attention()
     _install_swiglu()
     _enabled = True
-    log.info("MLX's CPU kernels are built for this machine (g++ %s)", " ".join(FLAGS))
+    log.info("MLX's CPU kernels are built for this machine (g++ %s)", " ".join(MLX_FLAGS))
     return True
-
-
-def real_compiler() -> str | None:
-    """``g++``, not the wrapper: a process started by a worker inherits its folder on PATH."""
-    path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
-                           if "nightshift-kernels-" not in d)
-    return shutil.which("g++", path=path)
-
-
-def kernels_folder(compiler: str) -> Path | None:
-    """The kernels' folder: one per user, CPU model and instruction set, and compiler,
-    this user's alone (MLX and worker/packed_linear.py load what they find there); None
-    if it cannot be."""
-    try:
-        cpu = "\n".join(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                        if line.startswith(("model name", "flags", "Features")))
-    except OSError:
-        cpu = ""
-    key = hashlib.sha256(f"{cpu}\n{compiler}\n{FLAGS}".encode()).hexdigest()[:12]
-    folder = Path(tempfile.gettempdir()) / f"nightshift-kernels-{os.getuid()}-{key}"
-    try:
-        folder.mkdir(mode=0o700, exist_ok=True)
-        info = folder.stat()
-    except OSError:
-        return None
-    if info.st_uid != os.getuid() or info.st_mode & 0o022:
-        log.warning("not building MLX's kernels in %s: another user can write there", folder)
-        return None
-    return folder
 
 
 def _install_attention() -> None:
@@ -187,11 +157,24 @@ def attention(q, k, v, *, scale: float, mask=None):
 
 def softmax(x):
     """``mx.softmax(x, axis=-1)`` bit for bit (MLX's CPU kernel: the row's maximum, the
-    exponentials of the differences, times one over their sum), its ``exp`` in a
-    compiled kernel."""
+    exponentials of the differences, times one over their sum), its ``exp`` in
+    nightshift's AVX-512 kernel where it builds, else in a compiled kernel."""
     import mlx.core as mx
+    import numpy as np
+    from nightshift.worker import cpu_kernels
 
-    e = _shifted_exp()(x, mx.max(x, axis=-1, keepdims=True))
+    m = mx.max(x, axis=-1, keepdims=True)
+    library = cpu_kernels.library()
+    if library is None or x.dtype != mx.float32:
+        e = _shifted_exp()(x, m)
+    else:
+        values = np.ascontiguousarray(np.asarray(x))
+        maxima = np.ascontiguousarray(np.asarray(m))
+        out = np.empty_like(values)
+        cols = values.shape[-1]
+        library.shifted_exp(values.size // max(cols, 1), cols, cpu_kernels.pointer(values),
+                            cpu_kernels.pointer(maxima), cpu_kernels.pointer(out))
+        e = mx.array(out)
     return e * mx.reciprocal(mx.sum(e, axis=-1, keepdims=True))
 
 
