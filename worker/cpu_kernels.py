@@ -2,7 +2,8 @@
 through ctypes, each giving MLX's bits faster than MLX's CPU backend does.
 
 - ``packed_matmul``: the decode step's linear layers (worker/packed_linear.py);
-- ``swiglu``: mlx-lm's SwiGLU (worker/native_kernels.py routes it here).
+- ``swiglu``: mlx-lm's SwiGLU, and ``shifted_exp``: a softmax's exponentials
+  (worker/native_kernels.py routes both here).
 
 They need x86-64 with AVX-512 and ``g++``; elsewhere ``library()`` is None and MLX's
 own kernels run. The build (about 2 s) lands in the folder of MLX's kernels built for

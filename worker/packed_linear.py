@@ -16,8 +16,8 @@ machine, at each number of rows it will serve, before using it; a shape that dif
 (another CPU's OpenBLAS kernels, a small-matrix path) keeps MLX's matmul. Prefill's
 large matmuls (thousands of rows, where OpenBLAS runs near the CPU's peak) keep MLX's too.
 
-On when the compute plan converts the weights to float32 and runs one BLAS thread per
-process (a Linux CPU's default); the packed copy doubles the weights' memory (counted
+On when the weights are float32 (converted, or so in the files) and each process runs
+one BLAS thread (a Linux CPU's default); the packed copy doubles the weights' memory (counted
 by ``memory.estimate``). ``NIGHTSHIFT_PACKED_LINEAR=0`` turns it off.
 """
 
@@ -88,7 +88,8 @@ def apply(model: Any, plan: Any) -> int:
 
 
 class PackedWeight:
-    """A weight matrix packed for ``packed_linear.cpp``, and the rows it serves."""
+    """A weight matrix packed for ``packed_matmul`` (cpu_kernels.cpp), and the rows it
+    serves."""
 
     def __init__(self, library: ctypes.CDLL, weight: Any):
         self.library = library
@@ -179,6 +180,8 @@ class _Checks:
     def packed(self, weight: Any) -> PackedWeight | None:
         """The weight packed, if its shape gives MLX's results."""
         shape = tuple(weight.shape)
+        if shape in self.rows and self.rows[shape] is None:
+            return None  # known to differ: not packed at all
         packed = PackedWeight(self.library, weight)
         if shape not in self.rows:
             self.rows[shape] = _exact_from(packed, weight)
