@@ -424,9 +424,11 @@ def phase_b(data: dict) -> dict:
     settings, to show what the worker's schedule changes."""
     import importlib
 
-    from nightshift.worker import loader
+    from nightshift.worker import heap, loader
     from nightshift.worker.blas import openblas_loaded
     from nightshift.worker.prefill import prefill_settings
+
+    heap.keep_freed_memory()  # as the worker's process does on a CPU
 
     # `import mlx_lm.generate` would give the function mlx_lm re-exports under that name.
     mg = importlib.import_module("mlx_lm.generate")

@@ -35,9 +35,10 @@ def child(prompts_file: str, max_tokens: int) -> None:
     import time
 
     from nightshift.jobs.vocabulary import Claimed
-    from nightshift.worker import loader
+    from nightshift.worker import heap, loader
     from nightshift.worker.engine import Engine
 
+    heap.keep_freed_memory()  # as the worker's process does on a CPU
     loaded = loader.load("smollm2", loader.LoadOptions(batch_size=64))
     loader.warm_up(loaded)
     rows = [json.loads(line) for line in open(prompts_file)]

@@ -31,7 +31,7 @@ from nightshift.jobs import notify, settings
 from nightshift.jobs.errors import NightshiftError, ResourceError
 from nightshift.jobs.store import Store, worker_identity
 from nightshift.jobs.vocabulary import CANCELLED, Chunk, Recovered, Result, WorkerState
-from nightshift.worker import blas, dispatch, loader
+from nightshift.worker import blas, dispatch, heap, loader
 from nightshift.worker.engine import Engine
 from nightshift.worker.prefix import PrefixCache
 from nightshift.worker.queue import Queue
@@ -162,6 +162,8 @@ class Worker:
         """
         _check_mlx_compiler()  # its system() would drop a SIGINT sent while it runs
         self._install_signals()  # before any thread starts: every stop is ours
+        if blas.mlx_backend() == "cpu":
+            heap.keep_freed_memory()  # before the engine's thread takes an arena
         self.store.register_worker(self.id, self.host, self.pid, self.options.serves)
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
         engine_thread = threading.Thread(target=self._serve, name="engine", daemon=True)
@@ -375,6 +377,8 @@ class Worker:
                     self.state = WorkerState.RUNNING
                     self._store(engine.step())
                     continue
+            if self.state == WorkerState.RUNNING:
+                heap.give_back()  # out of work: what the batch held goes back
             self.state = WorkerState.IDLE
             if now - last_sweep > SWEEP_SECONDS:
                 # Lost queue tasks, and work for other models, are found here.
