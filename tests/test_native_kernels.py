@@ -144,3 +144,37 @@ def test_swiglu_is_mlx_lm_s_to_the_bit():
         assert same.all(), gate[~same][:5]
     shaped = mx.array(rng.standard_normal((3, 1, 40)).astype(np.float32))
     assert native_kernels.swiglu(shaped, shaped).shape == (3, 1, 40)
+
+
+@pytest.mark.skipif(cpu_kernels.library() is None,
+                    reason="nightshift's CPU kernels need x86-64 with AVX-512 and g++")
+@pytest.mark.parametrize("traditional", [False, True])
+def test_rope_is_mlx_s_to_the_bit(traditional):
+    from nightshift.worker import rope
+
+    rope.install()
+    original = rope.rope.__wrapped__
+    rng = np.random.default_rng(5)
+    freqs = mx.array(rng.uniform(1, 5000, 16).astype(np.float32))
+    for dims, d, base, scale, custom in ((64, 64, 100000.0, 1.0, None),
+                                         (32, 64, 10000.0, 0.25, None),
+                                         (32, 48, None, 1.0, freqs)):
+        for batch, heads, steps in ((26, 15, 1), (3, 5, 64), (1, 4, 7)):
+            # As the models hand it over: (batch, steps, heads, d) seen as (.., heads, steps, d).
+            x = mx.array((rng.standard_normal((batch, steps, heads, d)) * 3)
+                         .astype(np.float32)).transpose(0, 2, 1, 3)
+            # Per-sequence offsets past the first table's 4096 rows grow it.
+            for offset in (mx.array(rng.integers(0, 9000, batch).astype(np.int32)), 17,
+                           mx.array(5)):
+                kwargs = dict(traditional=traditional, base=base, scale=scale, offset=offset,
+                              freqs=custom)
+                expected = np.asarray(original(x, dims, **kwargs))
+                got = np.asarray(rope.rope(x, dims, **kwargs))
+                assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+    # A negative position (left padding) has no row: MLX's own computes it.
+    x = mx.array(rng.standard_normal((2, 3, 4, 64)).astype(np.float32))
+    offset = mx.array([-2, 5], dtype=mx.int32)
+    assert np.array_equal(np.asarray(rope.rope(x, 64, traditional=traditional, base=1e4,
+                                               scale=1.0, offset=offset)),
+                          np.asarray(original(x, 64, traditional=traditional, base=1e4,
+                                              scale=1.0, offset=offset)))

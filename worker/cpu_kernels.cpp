@@ -16,6 +16,10 @@
 // swiglu: mlx-lm's SwiGLU, silu(gate) * up, with MLX's CPU exp and sigmoid (mlx/backend/cpu/
 // simd/math.h, unary_ops.h) done 16 lanes at a time, operation for operation (built with
 // -ffp-contract=off, as MLX's own never fuses what it keeps apart): 2.5-2.8x MLX's.
+//
+// rope: mx.fast.rope's rotation (MLX's CPU fallback in mlx/fast.cpp: x1*cos - x2*sin and
+// x1*sin + x2*cos, each product rounded, as here with -ffp-contract=off) with the cosines
+// and sines read from a table of MLX's own (worker/rope.py).
 #include <immintrin.h>
 
 #include <cmath>
@@ -110,6 +114,18 @@ inline __m512 silu_mlx(__m512 x) {
   return _mm512_mul_ps(x, _mm512_mask_mov_ps(_mm512_sub_ps(one, y), negative, y));
 }
 
+// rope's traditional layout, adjacent pairs. Not vectorised: GCC reads this as a complex
+// product and fuses it into vfmaddsub even with -ffp-contract=off, one bit off MLX's.
+__attribute__((optimize("no-tree-vectorize"))) void rotate_pairs(long h, const float* in,
+                                                                 const float* row, float* o) {
+  for (long i = 0; i < h; ++i) {
+    const float c = row[2 * i], s = row[2 * i + 1];
+    const float x1 = in[2 * i], x2 = in[2 * i + 1];
+    o[2 * i] = x1 * c - x2 * s;
+    o[2 * i + 1] = x1 * s + x2 * c;
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -171,6 +187,35 @@ void packed_matmul(long m, long n, long k, const float* x, const float* packed, 
         k0 = k1;
       }
       m0 += rows;
+    }
+  }
+}
+
+// out[b, n, t, :] = x[b, n, t, :] rotated by the table's row start[b] + t, which holds
+// [cos_0 .. cos_h-1, sin_0 .. sin_h-1] (h = dims / 2) or, traditional, [cos_0, sin_0, ...].
+// x's last axis is contiguous; its other strides (in floats) are given; out is contiguous.
+void rope(long batch, long heads, long steps, long d, long dims, long traditional,
+          const float* x, long sb, long sn, long st, const int* start, const float* table,
+          float* out) {
+  const long h = dims / 2;
+  for (long b = 0; b < batch; ++b) {
+    for (long n = 0; n < heads; ++n) {
+      for (long t = 0; t < steps; ++t) {
+        const float* row = table + (start[b] + t) * dims;
+        const float* in = x + b * sb + n * sn + t * st;
+        float* o = out + ((b * heads + n) * steps + t) * d;
+        if (traditional) {
+          rotate_pairs(h, in, row, o);
+        } else {
+          for (long i = 0; i < h; ++i) {
+            const float c = row[i], s = row[h + i];
+            const float x1 = in[i], x2 = in[h + i];
+            o[i] = x1 * c - x2 * s;
+            o[h + i] = x1 * s + x2 * c;
+          }
+        }
+        for (long i = dims; i < d; ++i) o[i] = in[i];
+      }
     }
   }
 }

@@ -3,7 +3,8 @@ through ctypes, each giving MLX's bits faster than MLX's CPU backend does.
 
 - ``packed_matmul``: the decode step's linear layers (worker/packed_linear.py);
 - ``swiglu``: mlx-lm's SwiGLU, and ``shifted_exp``: a softmax's exponentials
-  (worker/native_kernels.py routes both here).
+  (worker/native_kernels.py routes both here);
+- ``rope``: ``mx.fast.rope`` from a table of MLX's own sines and cosines (worker/rope.py).
 
 They need x86-64 with AVX-512 and ``g++``; elsewhere ``library()`` is None and MLX's
 own kernels run. The build (about 2 s) lands in the folder of MLX's kernels built for
@@ -29,6 +30,7 @@ SIGNATURES = {
     "packed_matmul": [_LONG, _LONG, _LONG, _POINTER, _POINTER, _POINTER, _POINTER, _LONG],
     "swiglu": [_LONG, _POINTER, _POINTER, _POINTER],
     "shifted_exp": [_LONG, _LONG, _POINTER, _POINTER, _POINTER],
+    "rope": [_LONG] * 6 + [_POINTER, _LONG, _LONG, _LONG, _POINTER, _POINTER, _POINTER],
 }
 
 _loaded: ctypes.CDLL | None | bool = False  # False: not tried yet

@@ -25,7 +25,8 @@ cpu_kernels.cpp): MLX's ``exp``, sigmoid and products 16 lanes at a time, operat
 operation, so the same bits (checked on every 97th float32 bit pattern and on
 millions of random inputs); 2.5-2.8x faster at decode and prefill shapes, 1.02x on one
 process's share of the benchmark's job (benchmarks/lever.py). The softmax's
-exponentials go through the same ``exp`` (``shifted_exp``): 1.02x more.
+exponentials go through the same ``exp`` (``shifted_exp``): 1.02x more. ``mx.fast.rope``
+goes through a table of MLX's own cosines and sines (worker/rope.py).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import logging
 import os
 import sys
 
-from nightshift.worker import kernel_folder
+from nightshift.worker import cpu_kernels, kernel_folder
 from nightshift.worker.kernel_folder import MLX_FLAGS
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,10 @@ def enable() -> bool:
     os.environ["TMPDIR"] = str(folder / "tmp")
     _install_attention()
     _install_swiglu()
+    if cpu_kernels.library() is not None:
+        from nightshift.worker import rope  # imports numpy
+
+        rope.install()
     _enabled = True
     log.info("MLX's CPU kernels are built for this machine (g++ %s)", " ".join(MLX_FLAGS))
     return True
@@ -96,7 +101,6 @@ def _install_swiglu() -> None:
     """Route mlx-lm's SwiGLU, in every model module that imported it, through
     ``swiglu`` where nightshift's CPU kernels build here."""
     from mlx_lm.models import activations
-    from nightshift.worker import cpu_kernels
 
     if cpu_kernels.library() is None:
         return
@@ -112,7 +116,6 @@ def swiglu(gate, x):
     import mlx.core as mx
     import numpy as np
     from mlx_lm.models import activations
-    from nightshift.worker import cpu_kernels
 
     if not (gate.dtype == x.dtype == mx.float32 and gate.shape == x.shape):
         return activations.swiglu(gate, x)
@@ -161,7 +164,6 @@ def softmax(x):
     nightshift's AVX-512 kernel where it builds, else in a compiled kernel."""
     import mlx.core as mx
     import numpy as np
-    from nightshift.worker import cpu_kernels
 
     m = mx.max(x, axis=-1, keepdims=True)
     library = cpu_kernels.library()
