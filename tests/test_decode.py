@@ -55,3 +55,37 @@ def test_only_an_empty_generator_takes_the_step(tiny):
     with pytest.raises(RuntimeError, match="before requests are inserted"):
         use_logits_step(gen)
     gen.close()
+
+
+def test_finished_rows_ride_along_until_a_quarter_of_the_batch_is_done(tiny):
+    """Rows that finish at different steps: the same tokens as mlx-lm's, and the cache
+    copied only once a quarter of the rows (2 of 8) have finished, or at once where
+    requests wait for room."""
+    model, tok = tiny
+    budgets = [3, 6, 9, 12, 20, 20, 20, 20]
+
+    def run(logits_step: bool, late: bool = False):
+        gen = BatchGenerator(model, max_tokens=20, completion_batch_size=8,
+                             prefill_batch_size=8)
+        if logits_step:
+            use_logits_step(gen)
+        uids = gen.insert([tok.encode(p) for p in PROMPTS[:7] + ["Hi"]], max_tokens=budgets)
+        out, rows = {u: [] for u in uids}, []
+        while responses := gen.next_generated():
+            for r in responses:
+                out.setdefault(r.uid, []).append(r.token)
+            rows.append(len(gen._generation_batch.uids))
+            if late and len(rows) == 4:  # a request now waits for room: no riding along
+                gen.insert([tok.encode("Late")], max_tokens=[2])
+        gen.close()
+        return [out[u] for u in uids], rows
+
+    ours, rows = run(True)
+    theirs, their_rows = run(False)
+    assert ours == theirs
+    assert [len(t) for t in ours] == budgets
+    assert their_rows[:12] == [8, 8, 7, 7, 7, 6, 6, 6, 5, 5, 5, 4]
+    # The first finished row (after 3 tokens) rides along; the second (6) takes both out.
+    assert rows[:12] == [8, 8, 8, 8, 8, 6, 6, 6, 6, 6, 6, 4]
+    _, late_rows = run(True, late=True)
+    assert late_rows[4] == 7  # the 6-token row left at once, the late request joined
