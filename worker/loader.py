@@ -175,7 +175,9 @@ def warm_up(loaded: LoadedModel) -> float:
     try:
         tokens = loaded.tokenizer.encode(WARMUP_PROMPT)
         n = min(loaded.plan.batch_size, 4)
-        batch_generate(loaded.model, loaded.tokenizer, [tokens] * n, max_tokens=4)
+        # One token: a prefill and the decode steps that follow it touch every kernel;
+        # each further step only streams all the weights again (~0.1 s for SmolLM2 here).
+        batch_generate(loaded.model, loaded.tokenizer, [tokens] * n, max_tokens=1)
     except Exception as exc:  # it loaded, but cannot run: say so before taking work
         raise ModelError(f"model {loaded.name!r} from {loaded.path} loaded but fails to "
                          f"generate: {_one_line(exc)}") from exc
