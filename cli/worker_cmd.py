@@ -77,14 +77,16 @@ def worker_cmd(model, drain, batch_size, dtype, max_context, force, grace, trust
     )
     worker = Worker(Store(), options=options)
     code = worker.run()
-    if worker.abandoned_loading:
-        # Stopped while the model loads: that thread is still inside MLX, and tearing
-        # the interpreter down under it can abort the process. Nothing is pending.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    raise SystemExit(code)
+    if not worker.abandoned_loading:
+        worker.store.close()
+    # Everything is stored and every thread that writes has ended. Tearing the
+    # interpreter down would only free the model (0.25 s here for SmolLM2, more for a
+    # large one); stopped while loading, that thread is still inside MLX, and tearing
+    # down under it can abort the process.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _processes(value: str) -> int:

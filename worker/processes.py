@@ -172,6 +172,7 @@ class Supervisor:
         self.restart_at: dict[int, float] = {}  # index -> monotonic time to start again
         self.quick_deaths: dict[int, int] = {}  # index -> killed soon after ready, in a row
         self._die_with_parent = _parent_death_signal()
+        self.wake: int | None = None  # while running: the read end of the signals' pipe
         # Started with OpenBLAS preloaded, a process need not start over to load it
         # (blas.ensure_fast_blas): half a second less for each.
         self.env = blas.preloaded_env() or dict(os.environ)
@@ -179,6 +180,13 @@ class Supervisor:
     def run(self) -> int:
         """Run until every process has ended; the exit code (0 if all ended with 0)."""
         previous = {s: signal.signal(s, self._note) for s in (signal.SIGINT, signal.SIGTERM)}
+        # A signal (a child's end included) wakes _watch at once rather than at its next
+        # poll: the command ends as soon as its last process does.
+        previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.wake, wake_write = os.pipe()
+        for fd in (self.wake, wake_write):
+            os.set_blocking(fd, False)
+        previous_wakeup = signal.set_wakeup_fd(wake_write)
         threads = max(1, blas.cpu_threads() // self.count)
         log.info("starting %d worker processes, %d BLAS thread%s each",
                  self.count, threads, "" if threads == 1 else "s")
@@ -196,8 +204,11 @@ class Supervisor:
                 if self.stopping:
                     self.restart_at.clear()
         finally:
+            signal.set_wakeup_fd(previous_wakeup)
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            os.close(self.wake)
+            os.close(wake_write)
         failed = {i: c for i, c in self.codes.items() if c != 0}
         if failed:
             log.error("worker processes ended with errors: %s",
@@ -267,11 +278,14 @@ class Supervisor:
     def _watch(self) -> None:
         """Wait a moment for readiness or exits; deal with what happened."""
         pipes = [c.ready_pipe for c in self.children.values() if c.ready_pipe is not None]
-        if pipes:
-            readable, _, _ = select.select(pipes, [], [], POLL_SECONDS)
-        else:
-            readable = []
-            time.sleep(POLL_SECONDS)
+        readable, _, _ = select.select([*pipes, self.wake], [], [], POLL_SECONDS)
+        if self.wake in readable:
+            while True:  # what woke it is read below: the signals noted, the exits polled
+                try:
+                    if not os.read(self.wake, 64):
+                        break
+                except BlockingIOError:
+                    break
         for child in list(self.children.values()):
             if child.ready_pipe is not None and child.ready_pipe in readable:
                 said = os.read(child.ready_pipe, 1)
