@@ -335,8 +335,11 @@ class Store(Reads):
     # -- the worker's side -----------------------------------------------------
 
     @_retrying
-    def claim(self, chunk: Chunk, worker_id: str, limit: int) -> list[Claimed]:
-        """Take up to ``limit`` queued requests of a chunk for this worker, in input order.
+    def claim(self, chunk: Chunk, worker_id: str, limit: int, *,
+              spread: bool = False) -> list[Claimed]:
+        """Take up to ``limit`` queued requests of a chunk for this worker, in input order;
+        with ``spread``, a share of every size instead (``spread_by_size``): a worker
+        taking its fair share of a job that others share too.
 
         Hands out exactly the rows this transaction moved to running, so two workers
         never get the same request. Requests lost with a dead worker are left to
@@ -347,17 +350,18 @@ class Store(Reads):
             if (job is None or job.cancelled_at is not None or job.submitter is not None
                     or _past(job.deadline)):
                 return []
-            pick = (
-                select(requests.c.id)
-                .where(
-                    requests.c.job_id == chunk.job_id,
-                    requests.c.seq.between(chunk.lo, chunk.hi),
-                    requests.c.status == QUEUED,
-                    requests.c.lost == 0,
-                )
-                .order_by(requests.c.seq)
-                .limit(limit)
+            queued = (
+                requests.c.job_id == chunk.job_id,
+                requests.c.seq.between(chunk.lo, chunk.hi),
+                requests.c.status == QUEUED,
+                requests.c.lost == 0,
             )
+            if spread:
+                sizes = conn.execute(select(requests.c.id, func.length(requests.c.body))
+                                     .where(*queued).order_by(requests.c.seq)).all()
+                pick = spread_by_size(sizes, limit)
+            else:
+                pick = select(requests.c.id).where(*queued).order_by(requests.c.seq).limit(limit)
             rows = _move(conn, QUEUED, RUNNING, requests.c.id.in_(pick), jobs_locked=True,
                          returning=_CLAIM_COLUMNS, worker_id=worker_id,
                          attempts=requests.c.attempts + 1)
@@ -887,6 +891,23 @@ def _runnable_jobs(now: float):
 
 _CLAIM_COLUMNS = (requests.c.id, requests.c.seq, requests.c.kind, requests.c.body,
                   requests.c.params, requests.c.lost)
+
+
+def spread_by_size(sizes: list[tuple[int, int]], limit: int) -> list[int]:
+    """``limit`` of the ``(id, size)`` pairs' ids, a share of every size: ranked by size,
+    one from each of ``limit`` equal windows, the first of one window and the last of
+    the next (a snake draft), so the sizes left for the others add up alike.
+
+    Workers that split a small job each take a fair share of its requests; taken in
+    input order, the benchmark's 64 prompts gave two processes 4,003 and 3,400 prompt
+    tokens, and one ended 1.1-1.6 s after the other. Spread, 3,713 and 3,690.
+    """
+    if limit >= len(sizes):
+        return [i for i, _ in sizes]
+    ranked = [i for i, _ in sorted(sizes, key=lambda pair: -pair[1])]  # stable: input order
+    width = len(ranked) / limit
+    return [ranked[int(w * width) if w % 2 == 0 else int((w + 1) * width) - 1]
+            for w in range(limit)]
 
 
 def _claimed(rows, job_rows: dict) -> list[Claimed]:

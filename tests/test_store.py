@@ -11,7 +11,7 @@ import pytest
 from nightshift.jobs import migrations as migrations_module
 from nightshift.jobs import settings
 from nightshift.jobs.errors import InputError, NotFound
-from nightshift.jobs.store import Store
+from nightshift.jobs.store import Store, spread_by_size
 from nightshift.jobs.submit import JobOptions, parse_at, submit
 from nightshift.jobs.vocabulary import Chunk, Recovered, Result
 
@@ -372,6 +372,31 @@ def test_host_ids_tell_containers_and_boots_apart(monkeypatch):
     monkeypatch.undo()
     hosts.host_id.cache_clear()
     assert hosts.host_id() == here and here.startswith(__import__("socket").gethostname())
+
+
+def test_workers_splitting_a_job_take_a_share_of_every_size(store):
+    lengths = [37, 900, 120, 64, 480, 33, 250, 700, 90, 310, 45, 600]
+    job_id, _ = submit(store, lines(*[{"prompt": "x" * n, "custom_id": f"c{i}"}
+                                      for i, n in enumerate(lengths)]),
+                       "in.jsonl", JobOptions(model="m"), lambda m: m)
+    chunk = store.chunks(job_id)[0]
+    first = store.claim(chunk, "w1", 6, spread=True)
+    second = store.claim(chunk, "w2", 6, spread=True)  # what is left: all of it
+    assert sorted(c.seq for c in first + second) == list(range(12))
+    assert [c.seq for c in first] == sorted(c.seq for c in first)  # handed out in input order
+    a, b = (sum(lengths[c.seq] for c in claimed) for claimed in (first, second))
+    in_order = abs(sum(lengths[:6]) - sum(lengths[6:]))  # 361: what input order gave
+    assert abs(a - b) <= 125 < in_order
+    assert store.claim(chunk, "w3", 6, spread=True) == []
+
+
+def test_spread_by_size_takes_one_of_each_window_of_sizes():
+    sizes = [(i, size) for i, size in enumerate([5, 80, 20, 60, 40, 10, 70, 30, 50, 90])]
+    assert spread_by_size(sizes, 10) == list(range(10))  # all of them: input order
+    assert spread_by_size(sizes, 20) == list(range(10))
+    # Ranked 90 80 70 60 50 40 30 20 10 5: windows of 2.5 -> ranks 0, 4, 5, 9.
+    assert spread_by_size(sizes, 4) == [9, 8, 4, 0]
+    assert spread_by_size(sizes, 1) == [9]
 
 
 def test_a_workers_fair_share_is_the_models_outstanding_work_over_its_live_workers(store):

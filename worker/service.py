@@ -435,7 +435,9 @@ class Worker:
                 share = self.store.fair_share(self.loaded.name) - len(self.engine.live)
             if share <= 0:
                 return
-            claimed = self.store.claim(chunk, self.id, min(room, share))
+            # Held to its share, the worker splits the job with others: a share of
+            # every size, so that they end together (Store.spread_by_size).
+            claimed = self.store.claim(chunk, self.id, min(room, share), spread=share < room)
             share -= len(claimed)
             if not claimed:
                 self.schedule.drop(chunk)
