@@ -900,7 +900,7 @@ def spread_by_size(sizes: list[tuple[int, int]], limit: int) -> list[int]:
 
     Workers that split a small job each take a fair share of its requests; taken in
     input order, the benchmark's 64 prompts gave two processes 4,003 and 3,400 prompt
-    tokens, and one ended 1.1-1.6 s after the other. Spread, 3,713 and 3,690.
+    tokens, and one ended 1.1-1.8 s after the other. Spread, 3,713 and 3,690.
     """
     if limit >= len(sizes):
         return [i for i, _ in sizes]

@@ -19,6 +19,7 @@ with ``NIGHTSHIFT_KEEP_FREED_MEMORY=0``.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import sys
@@ -58,6 +59,7 @@ def give_back() -> None:
         libc.malloc_trim(0)
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
     """This process's C library where it is glibc (it has ``mallopt`` and
     ``malloc_trim``); None elsewhere."""

@@ -22,6 +22,7 @@ out-of-memory kill, a request that crashes MLX) while the others go on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -186,7 +187,7 @@ class Supervisor:
         self.wake, wake_write = os.pipe()
         for fd in (self.wake, wake_write):
             os.set_blocking(fd, False)
-        previous_wakeup = signal.set_wakeup_fd(wake_write)
+        previous_wakeup = signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
         threads = max(1, blas.cpu_threads() // self.count)
         log.info("starting %d worker processes, %d BLAS thread%s each",
                  self.count, threads, "" if threads == 1 else "s")
@@ -279,13 +280,9 @@ class Supervisor:
         """Wait a moment for readiness or exits; deal with what happened."""
         pipes = [c.ready_pipe for c in self.children.values() if c.ready_pipe is not None]
         readable, _, _ = select.select([*pipes, self.wake], [], [], POLL_SECONDS)
-        if self.wake in readable:
-            while True:  # what woke it is read below: the signals noted, the exits polled
-                try:
-                    if not os.read(self.wake, 64):
-                        break
-                except BlockingIOError:
-                    break
+        if self.wake in readable:  # what woke it is dealt with below and in run()
+            with contextlib.suppress(BlockingIOError):
+                os.read(self.wake, 4096)
         for child in list(self.children.values()):
             if child.ready_pipe is not None and child.ready_pipe in readable:
                 said = os.read(child.ready_pipe, 1)
