@@ -24,9 +24,10 @@ def submit(invoke, tmp_path, tiny_model, n=3) -> str:
                              tiny_model).output)["id"]
 
 
-def read_pty(fd: int, proc: subprocess.Popen, until: float) -> bytes:
+def read_pty(fd: int, proc: subprocess.Popen, until: float, seen: bytes | None = None) -> bytes:
+    """What the terminal shows until ``until``, or until ``seen`` has shown."""
     out = b""
-    while time.monotonic() < until:
+    while time.monotonic() < until and not (seen and seen in out):
         ready, _, _ = select.select([fd], [], [], 0.1)
         if ready:
             try:
@@ -63,9 +64,10 @@ def test_on_a_terminal_it_redraws_in_place_and_leaves_the_last_frame(
     proc = subprocess.Popen([*WATCH, "--watch", "--interval", "0.2"], stdin=slave,
                             stdout=slave, stderr=slave, env={**os.environ, "COLUMNS": "120"})
     os.close(slave)
-    first = read_pty(master, proc, time.monotonic() + 3)
+    # The first frame, then the cancelled one: as long as a loaded machine takes.
+    first = read_pty(master, proc, time.monotonic() + 60, seen=b"nightly")
     invoke("cancel", job)
-    later = read_pty(master, proc, time.monotonic() + 1.5)
+    later = read_pty(master, proc, time.monotonic() + 60, seen=b"cancelled")
     proc.send_signal(signal.SIGINT)  # Ctrl-C ends the watch
     last = read_pty(master, proc, time.monotonic() + 10)
     assert proc.wait(timeout=10) == 0
