@@ -15,11 +15,12 @@ import time
 from dataclasses import dataclass, field
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator, make_stop_sequences
+from mlx_lm.generate import make_stop_sequences
 from mlx_lm.sample_utils import apply_top_p
 from nightshift.jobs import settings
 from nightshift.jobs.vocabulary import Claimed, Result
 from nightshift.worker import logprobs
+from nightshift.worker.cohorts import CohortBatchGenerator
 from nightshift.worker.constrain import Grammars
 from nightshift.worker.decode import RowSampler, use_logits_step
 from nightshift.worker.prefill import prefill_settings
@@ -110,7 +111,7 @@ class Engine:
         # A freed slot is refilled at once, and a long prefill never stalls the decode
         # of the others for more than one bounded chunk per step.
         default_batch, default_step = prefill_settings(batch_size)
-        self.generator = BatchGenerator(
+        self.generator = CohortBatchGenerator(
             model,
             stop_tokens=[[t] for t in self.eos],
             completion_batch_size=batch_size,
