@@ -32,17 +32,22 @@ from nightshift.worker import cpu_kernels
 library = cpu_kernels.library()
 rows_from = {}
 # The default model's shapes (q/o, k/v, up/gate, down, the tied lm_head) and a larger one.
+# Each as float32 weights, and as float16 values in float32 (weights dequantized from 4
+# bits in float16 are), which are packed as float16.
 for n, k in [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576), (2048, 5632)]:
-    weight = mx.random.normal((n, k), key=mx.random.key(n + k))
-    packed = pl.PackedWeight(library, weight)
-    first = pl._exact_from(packed, weight)
-    every = range(first or 1, pl.MAX_ROWS + 1) if n * k < 10**7 else pl.CHECK_ROWS
-    wrong = []
-    for rows in every:
-        x = mx.random.normal((rows, k), key=mx.random.key(7 * rows))
-        if rows >= (first or 1) and not mx.array_equal(packed.matmul(x), x @ weight.T).item():
-            wrong.append(rows)
-    rows_from[f"{n}x{k}"] = [first, wrong]
+    for half in (False, True):
+        weight = mx.random.normal((n, k), key=mx.random.key(n + k))
+        if half:
+            weight = weight.astype(mx.float16).astype(mx.float32)
+        packed = pl.PackedWeight(library, weight)
+        first = pl._exact_from(packed, weight)
+        every = range(first or 1, pl.MAX_ROWS + 1) if n * k < 10**7 else pl.CHECK_ROWS
+        wrong = []
+        for rows in every:
+            x = mx.random.normal((rows, k), key=mx.random.key(7 * rows))
+            if rows >= (first or 1) and not mx.array_equal(packed.matmul(x), x @ weight.T).item():
+                wrong.append(rows)
+        rows_from[f"{n}x{k}{' half' if half else ''}"] = [first, wrong, str(packed.packed.dtype)]
 print(json.dumps(rows_from))
 """
 
@@ -50,10 +55,11 @@ print(json.dumps(rows_from))
 @needs_kernel
 def test_the_kernel_gives_openblas_s_bits_at_every_decode_batch():
     rows_from = run_script(EXACT)
-    for shape, (first, wrong) in rows_from.items():
+    for shape, (first, wrong, stored) in rows_from.items():
         # Served from a decode batch of 8 sequences at most, never with other bits.
         assert first is not None and first <= 8, (shape, first)
         assert wrong == [], shape
+        assert stored == ("uint16" if shape.endswith("half") else "float32"), shape
 
 
 GREEDY = """

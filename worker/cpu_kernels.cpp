@@ -6,7 +6,8 @@
 // C[M x N] = X[M x K] . W^T for a Linear's weight W[N x K], with few rows (a decode step's
 // sequences). OpenBLAS packs W again at every call, and at such M the packing takes as
 // long as the multiplication; here W is packed once, in panels of 32 output columns
-// (panel p holds W[32p .. 32p+31][k] for k = 0..K-1, k-major), and streamed.
+// (panel p holds W[32p .. 32p+31][k] for k = 0..K-1, k-major), and streamed; as float16
+// where every weight is one exactly (packed_matmul_half): the same values, half the bytes.
 //
 // The same bits as OpenBLAS's sgemm: each C element is one fused multiply-add chain
 // over k, restarted at each boundary in `splits` (OpenBLAS's blocking of K), and the
@@ -32,22 +33,36 @@ namespace {
 
 constexpr int PANEL = 32;     // output columns per panel: two 16-float registers
 constexpr int MAX_ROWS = 12;  // rows per block: 24 accumulators of the 32 registers
-constexpr int PREFETCH = 512; // floats ahead in the panel (2 KB): the stream is memory-bound
+constexpr long PREFETCH_BYTES = 2048;  // ahead in the panel: the stream is memory-bound
 
-template <int MR>
-void block(const float* x, long ldx, const float* panel, float* c, long ldc, long k0,
-           long k1, bool first) {
+// A panel's 32 weights of one k, as floats: stored as float32, or as float16 where every
+// weight of the matrix is one exactly (worker/packed_linear.py): the same values, half the
+// bytes to stream.
+inline void load_panel(const float* w, __m512& lo, __m512& hi) {
+  lo = _mm512_loadu_ps(w);
+  hi = _mm512_loadu_ps(w + 16);
+}
+inline void load_panel(const unsigned short* w, __m512& lo, __m512& hi) {
+  lo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+  hi = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16)));
+}
+
+template <int MR, typename W>
+void block(const float* x, long ldx, const W* panel, float* c, long ldc, long k0, long k1,
+           bool first) {
   __m512 lo[MR], hi[MR];
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m) {
     lo[m] = _mm512_setzero_ps();
     hi[m] = _mm512_setzero_ps();
   }
-  const float* w = panel + k0 * PANEL;
+  const W* w = panel + k0 * PANEL;
+  constexpr long ahead = PREFETCH_BYTES / sizeof(W);
   for (long k = k0; k < k1; ++k, w += PANEL) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + PREFETCH), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w + PREFETCH + 16), _MM_HINT_T0);
-    const __m512 w_lo = _mm512_loadu_ps(w), w_hi = _mm512_loadu_ps(w + 16);
+    for (long line = 0; line < PANEL * long(sizeof(W)); line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(w + ahead) + line, _MM_HINT_T0);
+    __m512 w_lo, w_hi;
+    load_panel(w, w_lo, w_hi);
 #pragma GCC unroll 16
     for (int m = 0; m < MR; ++m) {
       const __m512 xm = _mm512_set1_ps(x[m * ldx + k]);
@@ -68,10 +83,43 @@ void block(const float* x, long ldx, const float* panel, float* c, long ldc, lon
   }
 }
 
-using Block = void (*)(const float*, long, const float*, float*, long, long, long, bool);
-const Block blocks[MAX_ROWS + 1] = {nullptr,   block<1>, block<2>,  block<3>, block<4>,
-                                    block<5>,  block<6>, block<7>,  block<8>, block<9>,
-                                    block<10>, block<11>, block<12>};
+template <typename W>
+using Block = void (*)(const float*, long, const W*, float*, long, long, long, bool);
+template <typename W>
+constexpr Block<W> blocks[MAX_ROWS + 1] = {
+    nullptr,        block<1, W>,  block<2, W>,  block<3, W>, block<4, W>,
+    block<5, W>,    block<6, W>,  block<7, W>,  block<8, W>, block<9, W>,
+    block<10, W>,   block<11, W>, block<12, W>};
+
+template <typename W>
+void matmul(long m, long n, long k, const float* x, const W* packed, float* c,
+            const long* splits, long n_splits) {
+  const long row_blocks = (m + MAX_ROWS - 1) / MAX_ROWS;
+  for (long p = 0; p < n / PANEL; ++p) {
+    const W* panel = packed + p * k * PANEL;
+    long m0 = 0;
+    for (long b = 0; b < row_blocks; ++b) {
+      const long rows = (m - m0) / (row_blocks - b);  // blocks of even size
+      long k0 = 0;
+      for (long s = 0; s <= n_splits; ++s) {
+        const long k1 = s < n_splits ? splits[s] : k;
+        blocks<W>[rows](x + m0 * k, k, panel, c + m0 * n + p * PANEL, n, k0, k1, s == 0);
+        k0 = k1;
+      }
+      m0 += rows;
+    }
+  }
+}
+
+template <typename W, typename Convert>
+void pack_as(long n, long k, const float* w, W* out, Convert convert) {
+  for (long p = 0; p < n / PANEL; ++p)
+    for (long j = 0; j < PANEL; ++j) {
+      const float* row = w + (p * PANEL + j) * k;
+      W* dst = out + p * k * PANEL + j;
+      for (long i = 0; i < k; ++i) dst[i * PANEL] = convert(row[i]);
+    }
+}
 
 // MLX's exp: x * log2(e) split into integer and fraction (its x + 0.5 is a double there:
 // here too, or a float rounding up to the next integer would floor differently), a
@@ -163,32 +211,31 @@ void swiglu(long n, const float* gate, const float* up, float* out) {
 
 // W[N x K] row-major -> N/32 panels of K x 32. N must be a multiple of 32.
 void pack(long n, long k, const float* w, float* out) {
-  for (long p = 0; p < n / PANEL; ++p)
-    for (long j = 0; j < PANEL; ++j) {
-      const float* row = w + (p * PANEL + j) * k;
-      float* dst = out + p * k * PANEL + j;
-      for (long i = 0; i < k; ++i) dst[i * PANEL] = row[i];
-    }
+  pack_as(n, k, w, out, [](float v) { return v; });
+}
+
+// As `pack`, each weight as float16; returns whether every one is a float16 exactly (if
+// not, `out` is not to be used).
+long pack_half(long n, long k, const float* w, unsigned short* out) {
+  bool exact = true;
+  pack_as(n, k, w, out, [&exact](float v) {
+    const unsigned short h = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);
+    exact = exact && _cvtsh_ss(h) == v;  // NaN never is: kept as float32
+    return h;
+  });
+  return exact;
 }
 
 // C[M x N] = X[M x K] . W^T from W packed by `pack`; X and C row-major, contiguous.
 void packed_matmul(long m, long n, long k, const float* x, const float* packed, float* c,
                    const long* splits, long n_splits) {
-  const long row_blocks = (m + MAX_ROWS - 1) / MAX_ROWS;
-  for (long p = 0; p < n / PANEL; ++p) {
-    const float* panel = packed + p * k * PANEL;
-    long m0 = 0;
-    for (long b = 0; b < row_blocks; ++b) {
-      const long rows = (m - m0) / (row_blocks - b);  // blocks of even size
-      long k0 = 0;
-      for (long s = 0; s <= n_splits; ++s) {
-        const long k1 = s < n_splits ? splits[s] : k;
-        blocks[rows](x + m0 * k, k, panel, c + m0 * n + p * PANEL, n, k0, k1, s == 0);
-        k0 = k1;
-      }
-      m0 += rows;
-    }
-  }
+  matmul(m, n, k, x, packed, c, splits, n_splits);
+}
+
+// The same from W packed by `pack_half`: the same sums of the same values.
+void packed_matmul_half(long m, long n, long k, const float* x, const unsigned short* packed,
+                        float* c, const long* splits, long n_splits) {
+  matmul(m, n, k, x, packed, c, splits, n_splits);
 }
 
 // out[b, n, t, :] = x[b, n, t, :] rotated by the table's row start[b] + t, which holds

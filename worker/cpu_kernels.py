@@ -1,7 +1,8 @@
 """nightshift's own CPU kernels (``cpu_kernels.cpp``): built once for this CPU, loaded
 through ctypes, each giving MLX's bits faster than MLX's CPU backend does.
 
-- ``packed_matmul``: the decode step's linear layers (worker/packed_linear.py);
+- ``packed_matmul``: the decode step's linear layers (worker/packed_linear.py), from
+  float32 weights or (``packed_matmul_half``) float16 ones;
 - ``swiglu``: mlx-lm's SwiGLU, and ``shifted_exp``: a softmax's exponentials
   (worker/native_kernels.py routes both here);
 - ``rope``: ``mx.fast.rope`` from a table of MLX's own sines and cosines (worker/rope.py).
@@ -27,7 +28,9 @@ FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared")
 _LONG, _POINTER = ctypes.c_long, ctypes.c_void_p
 SIGNATURES = {
     "pack": [_LONG, _LONG, _POINTER, _POINTER],
+    "pack_half": [_LONG, _LONG, _POINTER, _POINTER],
     "packed_matmul": [_LONG, _LONG, _LONG, _POINTER, _POINTER, _POINTER, _POINTER, _LONG],
+    "packed_matmul_half": [_LONG, _LONG, _LONG, _POINTER, _POINTER, _POINTER, _POINTER, _LONG],
     "swiglu": [_LONG, _POINTER, _POINTER, _POINTER],
     "shifted_exp": [_LONG, _LONG, _POINTER, _POINTER, _POINTER],
     "rope": [_LONG] * 6 + [_POINTER, _LONG, _LONG, _LONG, _POINTER, _POINTER, _POINTER],
@@ -76,6 +79,7 @@ def _build_and_load() -> ctypes.CDLL | None:
     for name, arguments in SIGNATURES.items():
         function = getattr(loaded, name)
         function.argtypes, function.restype = arguments, None
+    loaded.pack_half.restype = ctypes.c_long  # whether every weight is a float16
     return loaded
 
 
