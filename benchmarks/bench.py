@@ -79,6 +79,7 @@ Exit status: 0 when it ran (missed targets are reported, not fatal), 1 when a pa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -792,11 +793,16 @@ def main() -> int:
                         "choice, the physical cores]. 1 makes B/C comparisons robust on a "
                         "shared machine, where two spinning BLAS threads slow down many "
                         "times over whenever anything else runs.")
+    parser.add_argument("--max-context", type=int, metavar="N",
+                        help="Context sentences before each question, at most [default: 24 "
+                        "full, 8 quick]; 1 gives short chat prompts (about 45 tokens).")
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                         help="Before each part, wait up to this long for the machine to be "
                         "idle (shared machines); the waits are reported.")
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
+    if args.max_context is not None:
+        sizes = dataclasses.replace(sizes, max_context=args.max_context)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     if not args.mlx_defaults:
         skip.add("B0")

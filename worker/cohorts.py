@@ -89,7 +89,9 @@ class MovingPromptBatch(PromptProcessingBatch):
 
 
 class CohortBatchGenerator(BatchGenerator):
-    """mlx-lm's BatchGenerator whose admissions move to decoding whole."""
+    """mlx-lm's BatchGenerator whose admissions move to decoding whole. A prompt set
+    aside can be removed; its cache is not among those ``extract_cache`` finds (the
+    engine takes none)."""
 
     def __init__(self, model, **kwargs):
         super().__init__(model, **kwargs)
@@ -121,8 +123,9 @@ class CohortBatchGenerator(BatchGenerator):
                     if e[3] == admission and _prefilled(e)]
             entries = [self._currently_processing[i] for i in rows]
             self._held.append((self._prompt_batch.split(rows), entries))
-            self._currently_processing = [e for i, e in enumerate(self._currently_processing)
-                                          if i not in set(rows)]
+            held = {id(e) for e in entries}
+            self._currently_processing = [e for e in self._currently_processing
+                                          if id(e) not in held]
         back = [(part, entries) for part, entries in self._held if entries[0][3] not in busy]
         if back:
             self._held = [h for h in self._held if h[1][0][3] in busy]
