@@ -92,6 +92,21 @@ def test_fast_blas_env_sets_threads_unless_given():
     assert blas.fast_blas_env({"OPENBLAS_NUM_THREADS": "7"})["OPENBLAS_NUM_THREADS"] == "7"
 
 
+@linux_cpu
+def test_an_openblas_built_for_another_cpu_is_refused_not_preloaded(tmp_path, caplog,
+                                                                    monkeypatch):
+    """A wheel built only for AVX-512 loads on a CPU without it and dies at its first
+    multiplication: the probe multiplies, so the worker stays on the reference BLAS."""
+    source = tmp_path / "fake.c"
+    source.write_text("void cblas_sgemm(void) { __builtin_trap(); }\n")  # SIGILL, as ud2
+    fake = tmp_path / "libopenblas.so.0"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(fake), str(source)], check=True)
+    assert blas.preloaded_env() is not None  # the installed one multiplies here
+    monkeypatch.setattr(blas, "openblas_library", lambda: str(fake))
+    assert blas.preloaded_env() is None
+    assert "illegal instruction" in caplog.text
+
+
 def test_ensure_fast_blas_disabled_returns():
     blas.ensure_fast_blas(enabled=False)  # would not return if it re-executed
 

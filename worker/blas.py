@@ -191,12 +191,27 @@ def preloaded_env(environ: dict[str, str] | None = None) -> dict[str, str] | Non
     if env is None:
         log.warning("cmeel-openblas is not installed; MLX uses its slow reference BLAS")
         return None
-    probe = subprocess.run([sys.executable, "-S", "-c", ""], env=env, capture_output=True)
+    probe = subprocess.run([sys.executable, "-S", "-c", _PROBE], env=env, capture_output=True)
     if probe.returncode != 0:
-        log.warning("OpenBLAS does not load here (%s); staying on the reference BLAS",
-                    probe.stderr.decode(errors="replace").strip())
+        why = probe.stderr.decode(errors="replace").strip() or (
+            "an illegal instruction: a build for another CPU" if probe.returncode == -4
+            else f"exit status {probe.returncode}")
+        log.warning("OpenBLAS does not run here (%s); staying on the reference BLAS, "
+                    "several times slower: reinstall with `pip install -e '.[cpu]'`", why)
         return None
     return env
+
+
+# One small multiplication through the preloaded library: a build for another CPU (a
+# wheel built only for AVX-512, on a CPU without it) loads but dies on its first call.
+_PROBE = """
+import ctypes
+lib = ctypes.CDLL(None)
+a = (ctypes.c_float * 64)(*range(64))
+c = (ctypes.c_float * 64)()
+lib.cblas_sgemm(101, 111, 111, 8, 8, 8, ctypes.c_float(1), a, 8, a, 8, ctypes.c_float(0), c, 8)
+assert c[0] == 1120, c[0]  # row 0 of a times column 0: sum of k * 8k
+"""
 
 
 def _preload_wanted() -> bool:
