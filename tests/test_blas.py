@@ -107,6 +107,21 @@ def test_an_openblas_built_for_another_cpu_is_refused_not_preloaded(tmp_path, ca
     assert "illegal instruction" in caplog.text
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="make setup's Linux choice")
+def test_make_setup_installs_the_avx2_openblas_on_an_x86_cpu_without_avx512():
+    def install_line(*settings):
+        out = subprocess.run(["make", "-n", "-B", "setup", *settings], cwd=ROOT, check=True,
+                             capture_output=True, text=True).stdout
+        return next(line for line in out.splitlines() if "pip install -e" in line)
+
+    avx2 = install_line("BACKEND=cpu", "CPU_FLAGS=flags : fpu fma avx2")
+    assert avx2.endswith("cmeel-openblas==0.3.29")
+    for other in (["BACKEND=cpu", "CPU_FLAGS=flags : fma avx2 avx512f"],  # the newest runs
+                  ["BACKEND=cpu", "CPU_FLAGS=Features : fp asimd"],  # not x86-64
+                  ["BACKEND=cuda", "CPU_FLAGS=flags : fma avx2"]):  # no OpenBLAS at all
+        assert "cmeel-openblas" not in install_line(*other), other
+
+
 def test_ensure_fast_blas_disabled_returns():
     blas.ensure_fast_blas(enabled=False)  # would not return if it re-executed
 

@@ -197,7 +197,8 @@ def preloaded_env(environ: dict[str, str] | None = None) -> dict[str, str] | Non
             "an illegal instruction: a build for another CPU" if probe.returncode == -4
             else f"exit status {probe.returncode}")
         log.warning("OpenBLAS does not run here (%s); staying on the reference BLAS, "
-                    "several times slower: reinstall with `pip install -e '.[cpu]'`", why)
+                    "several times slower (on a CPU without AVX-512: pip install "
+                    "'cmeel-openblas==0.3.29', or make setup)", why)
         return None
     return env
 
