@@ -18,6 +18,10 @@
 // simd/math.h, unary_ops.h) done 16 lanes at a time, operation for operation (built with
 // -ffp-contract=off, as MLX's own never fuses what it keeps apart): 2.5-2.8x MLX's.
 //
+// decode_attention: a decode step's attention (one query per sequence and head) in one pass
+// per KV head, summed in the orders of the OpenBLAS kernels MLX's matmuls reach there
+// (worker/decode_attention.py checks the bits before using it).
+//
 // rope: mx.fast.rope's rotation (MLX's CPU fallback in mlx/fast.cpp: x1*cos - x2*sin and
 // x1*sin + x2*cos, each product rounded, as here with -ffp-contract=off) with the cosines
 // and sines read from a table of MLX's own (worker/rope.py).
@@ -162,6 +166,130 @@ inline __m512 silu_mlx(__m512 x) {
   return _mm512_mul_ps(x, _mm512_mask_mov_ps(_mm512_sub_ps(one, y), negative, y));
 }
 
+// out[j] = exp(x[j] - m), n contiguous (out may be x).
+inline void shifted_exp_row(long n, const float* x, float m, float* out) {
+  const __m512 shift = _mm512_set1_ps(m);
+  long j = 0;
+  for (; j + 16 <= n; j += 16)
+    _mm512_storeu_ps(out + j, exp_mlx(_mm512_sub_ps(_mm512_loadu_ps(x + j), shift)));
+  if (j < n) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (n - j)) - 1);
+    _mm512_mask_storeu_ps(out + j, tail,
+                          exp_mlx(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, x + j), shift)));
+  }
+}
+// OpenBLAS's small-matrix sgemm kernels for AVX-512 (kernel/x86_64/sgemm_small_kernel_tn_
+// and _nn_skylakex.c) are what MLX's matmuls reach at a decode step's attention: each query
+// times a sequence's keys (TN: a dot product per key, 16 lanes summed over the head's
+// dimensions, then added across lanes: four keys at a time in one tree, the last L mod 4
+// keys each in _mm512_reduce_add_ps's), and the probabilities times its values (NN: one
+// fused multiply-add chain per output over the keys, in order). `decode_attention` sums in
+// those orders, so its bits are MLX's.
+inline __m128 reduce_four(__m512 rr0, __m512 rr1, __m512 rr2, __m512 rr3) {
+  __m512 r0 = _mm512_unpacklo_ps(rr0, rr1), r1 = _mm512_unpackhi_ps(rr0, rr1);
+  __m512 r2 = _mm512_unpacklo_ps(rr2, rr3), r3 = _mm512_unpackhi_ps(rr2, rr3);
+  __m512 t0 = _mm512_shuffle_ps(r0, r2, _MM_SHUFFLE(1, 0, 1, 0));
+  __m512 t1 = _mm512_shuffle_ps(r0, r2, _MM_SHUFFLE(3, 2, 3, 2));
+  __m512 t2 = _mm512_shuffle_ps(r1, r3, _MM_SHUFFLE(1, 0, 1, 0));
+  __m512 t3 = _mm512_shuffle_ps(r1, r3, _MM_SHUFFLE(3, 2, 3, 2));
+  r0 = _mm512_add_ps(t0, t1);
+  r1 = _mm512_add_ps(t2, t3);
+  t0 = _mm512_add_ps(r0, r1);
+  __m128 s0 = _mm512_extractf32x4_ps(t0, 0), s1 = _mm512_extractf32x4_ps(t0, 1);
+  __m128 s2 = _mm512_extractf32x4_ps(t0, 2), s3 = _mm512_extractf32x4_ps(t0, 3);
+  return _mm_add_ps(_mm_add_ps(s0, s1), _mm_add_ps(s2, s3));
+}
+
+constexpr int HEADS = 4;  // query heads of one KV head done together
+
+// scores[h][j] = q[h] . k[j] for `heads` queries (at most HEADS) and `length` keys, dims a
+// multiple of 16, in OpenBLAS's TN order.
+void head_scores(int heads, long length, long dims, const float* q, const float* k, long kst,
+                 float* scores) {
+  const long four = length & ~3L;
+  long j = 0;
+  for (; j < four; j += 4) {
+    __m512 acc[HEADS][4];
+    for (int h = 0; h < HEADS; ++h)
+      for (int i = 0; i < 4; ++i) acc[h][i] = _mm512_setzero_ps();
+    for (long d = 0; d < dims; d += 16) {
+      __m512 key[4];
+      for (int i = 0; i < 4; ++i) key[i] = _mm512_loadu_ps(k + (j + i) * kst + d);
+      for (int h = 0; h < heads; ++h) {
+        const __m512 qh = _mm512_loadu_ps(q + h * dims + d);
+        for (int i = 0; i < 4; ++i) acc[h][i] = _mm512_fmadd_ps(key[i], qh, acc[h][i]);
+      }
+    }
+    for (int h = 0; h < heads; ++h)
+      _mm_storeu_ps(scores + h * length + j, reduce_four(acc[h][0], acc[h][1], acc[h][2], acc[h][3]));
+  }
+  for (; j < length; ++j) {
+    for (int h = 0; h < heads; ++h) {
+      __m512 acc = _mm512_setzero_ps();
+      for (long d = 0; d < dims; d += 16)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(k + j * kst + d), _mm512_loadu_ps(q + h * dims + d), acc);
+      scores[h * length + j] = _mm512_reduce_add_ps(acc);
+    }
+  }
+}
+
+// MLX's softmax (worker/native_kernels.py `softmax`) of `heads` rows of n in place, each
+// after its masked-out entries (mask[j] zero, if a mask is given) are set to the lowest
+// float as mx.where does: the maximum (NaN if any is), exp of the differences, each times
+// one over their sum, the sum taken in order (the rows' sums interleaved, not reordered).
+void masked_softmax_rows(int heads, long n, const unsigned char* mask, float* x) {
+  const __m512 lowest = _mm512_set1_ps(-3.40282347e+38f);  // mx.finfo(float32).min
+  float maxima[HEADS];
+  for (int h = 0; h < heads; ++h) {
+    float* row = x + h * n;
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    __mmask16 nan = 0;
+    for (long j = 0; j < n; j += 16) {
+      const __mmask16 part = n - j >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n - j)) - 1);
+      __m512 s = _mm512_maskz_loadu_ps(part, row + j);
+      if (mask != nullptr) {
+        const __m128i flags = _mm_maskz_loadu_epi8(part, mask + j);
+        s = _mm512_mask_mov_ps(lowest, _mm_test_epi8_mask(flags, flags), s);
+        _mm512_mask_storeu_ps(row + j, part, s);
+      }
+      nan |= _mm512_mask_cmp_ps_mask(part, s, s, _CMP_UNORD_Q);
+      m = _mm512_mask_max_ps(m, part, m, s);
+    }
+    maxima[h] = nan ? NAN : _mm512_reduce_max_ps(m);
+    shifted_exp_row(n, row, maxima[h], row);
+  }
+  float sums[HEADS] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (long j = 0; j < n; ++j)
+    for (int h = 0; h < heads; ++h) sums[h] = x[h * n + j] + sums[h];
+  for (int h = 0; h < heads; ++h) {
+    const float r = 1.0f / sums[h];
+    float* row = x + h * n;
+    for (long j = 0; j < n; ++j) row[j] = row[j] * r;
+  }
+}
+
+// out[h] = sum_j p[h][j] v[j] in OpenBLAS's NN order: one chain per output, keys in order.
+void weighted_values(int heads, long length, long dims, const float* p, const float* v,
+                     long vst, float* out) {
+  for (long d0 = 0; d0 < dims; d0 += 64) {
+    const int chunks = static_cast<int>(dims - d0 >= 64 ? 4 : (dims - d0) / 16);
+    __m512 acc[HEADS][4];
+    for (int h = 0; h < HEADS; ++h)
+      for (int c = 0; c < 4; ++c) acc[h][c] = _mm512_setzero_ps();
+    for (long j = 0; j < length; ++j) {
+      const float* vj = v + j * vst + d0;
+      __m512 val[4];
+      for (int c = 0; c < chunks; ++c) val[c] = _mm512_loadu_ps(vj + 16 * c);
+      for (int h = 0; h < heads; ++h) {
+        const __m512 ph = _mm512_set1_ps(p[h * length + j]);
+        for (int c = 0; c < chunks; ++c) acc[h][c] = _mm512_fmadd_ps(val[c], ph, acc[h][c]);
+      }
+    }
+    for (int h = 0; h < heads; ++h)
+      for (int c = 0; c < chunks; ++c) _mm512_storeu_ps(out + h * dims + d0 + 16 * c, acc[h][c]);
+  }
+}
+
 // rope's traditional layout, adjacent pairs. Not vectorised: GCC reads this as a complex
 // product and fuses it into vfmaddsub even with -ffp-contract=off, one bit off MLX's.
 __attribute__((optimize("no-tree-vectorize"))) void rotate_pairs(long h, const float* in,
@@ -180,19 +308,7 @@ extern "C" {
 
 // out[r][j] = exp(x[r][j] - m[r]): the exponentials of a softmax, rows x cols contiguous.
 void shifted_exp(long rows, long cols, const float* x, const float* m, float* out) {
-  for (long r = 0; r < rows; ++r) {
-    const float* xr = x + r * cols;
-    float* outr = out + r * cols;
-    const __m512 shift = _mm512_set1_ps(m[r]);
-    long j = 0;
-    for (; j + 16 <= cols; j += 16)
-      _mm512_storeu_ps(outr + j, exp_mlx(_mm512_sub_ps(_mm512_loadu_ps(xr + j), shift)));
-    if (j < cols) {
-      const __mmask16 tail = static_cast<__mmask16>((1u << (cols - j)) - 1);
-      _mm512_mask_storeu_ps(outr + j, tail,
-                            exp_mlx(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, xr + j), shift)));
-    }
-  }
+  for (long r = 0; r < rows; ++r) shifted_exp_row(cols, x + r * cols, m[r], out + r * cols);
 }
 
 // out = silu(gate) * up, n elements each, contiguous.
@@ -262,6 +378,33 @@ void rope(long batch, long heads, long steps, long d, long dims, long traditiona
           }
         }
         for (long i = dims; i < d; ++i) o[i] = in[i];
+      }
+    }
+  }
+}
+
+// A decode step's attention, mx.fast.scaled_dot_product_attention as MLX computes it on a
+// CPU (worker/native_kernels.py `attention`) for one query per sequence: q [batch][n_kv *
+// repeats][dims] contiguous; k, v [batch][n_kv][length][dims] with the given strides (in
+// floats; dims contiguous, a multiple of 16); mask[b * mask_stride + j] zero where the key
+// is masked out, or null; out like q. scratch: HEADS * (length + dims) floats.
+void decode_attention(long batch, long n_kv, long repeats, long length, long dims, float scale,
+                      const float* q, const float* k, long ksb, long ksn, long kst,
+                      const float* v, long vsb, long vsn, long vst, const unsigned char* mask,
+                      long mask_stride, float* scratch, float* out) {
+  float* scores = scratch;
+  float* scaled = scratch + HEADS * length;
+  for (long b = 0; b < batch; ++b) {
+    for (long g = 0; g < n_kv; ++g) {
+      const float* kg = k + b * ksb + g * ksn;
+      const float* vg = v + b * vsb + g * vsn;
+      for (long h0 = 0; h0 < repeats; h0 += HEADS) {
+        const int heads = static_cast<int>(repeats - h0 < HEADS ? repeats - h0 : HEADS);
+        const long first = (b * n_kv + g) * repeats + h0;  // its first query head
+        for (long i = 0; i < heads * dims; ++i) scaled[i] = scale * q[first * dims + i];
+        head_scores(heads, length, dims, scaled, kg, kst, scores);
+        masked_softmax_rows(heads, length, mask ? mask + b * mask_stride : nullptr, scores);
+        weighted_values(heads, length, dims, scores, vg, vst, out + first * dims);
       }
     }
   }

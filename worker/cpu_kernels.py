@@ -5,7 +5,8 @@ through ctypes, each giving MLX's bits faster than MLX's CPU backend does.
   float32 weights or (``packed_matmul_half``) float16 ones;
 - ``swiglu``: mlx-lm's SwiGLU, and ``shifted_exp``: a softmax's exponentials
   (worker/native_kernels.py routes both here);
-- ``rope``: ``mx.fast.rope`` from a table of MLX's own sines and cosines (worker/rope.py).
+- ``rope``: ``mx.fast.rope`` from a table of MLX's own sines and cosines (worker/rope.py);
+- ``decode_attention``: a decode step's attention in one pass (worker/decode_attention.py).
 
 They need x86-64 with AVX-512 and ``g++``; elsewhere ``library()`` is None and MLX's
 own kernels run. The build (about 2 s) lands in the folder of MLX's kernels built for
@@ -34,6 +35,8 @@ SIGNATURES = {
     "swiglu": [_LONG, _POINTER, _POINTER, _POINTER],
     "shifted_exp": [_LONG, _LONG, _POINTER, _POINTER, _POINTER],
     "rope": [_LONG] * 6 + [_POINTER, _LONG, _LONG, _LONG, _POINTER, _POINTER, _POINTER],
+    "decode_attention": [_LONG] * 5 + [ctypes.c_float] + [_POINTER, _POINTER] + [_LONG] * 3
+    + [_POINTER] + [_LONG] * 3 + [_POINTER, _LONG, _POINTER, _POINTER],
 }
 
 _loaded: ctypes.CDLL | None | bool = False  # False: not tried yet

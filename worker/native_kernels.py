@@ -26,7 +26,8 @@ operation, so the same bits (checked on every 97th float32 bit pattern and on
 millions of random inputs); 2.5-2.8x faster at decode and prefill shapes, 1.02x on one
 process's share of the benchmark's job (benchmarks/lever.py). The softmax's
 exponentials go through the same ``exp`` (``shifted_exp``): 1.02x more. ``mx.fast.rope``
-goes through a table of MLX's own cosines and sines (worker/rope.py).
+goes through a table of MLX's own cosines and sines (worker/rope.py). At a decode step,
+attention runs in one pass where that gives MLX's bits (worker/decode_attention.py).
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def enable() -> bool:
 
 def _install_attention() -> None:
     import mlx.core as mx
+    from nightshift.worker import decode_attention
 
     original = mx.fast.scaled_dot_product_attention
 
@@ -91,6 +93,8 @@ def _install_attention() -> None:
         if (sinks is not None or stream is not None or q.ndim != 4
                 or not q.dtype == k.dtype == v.dtype == mx.float32):
             return original(q, k, v, scale=scale, mask=mask, sinks=sinks, stream=stream)
+        if decode_attention.serves(q, k, v, mask) and decode_attention.enabled(original):
+            return decode_attention.attend(q, k, v, scale=scale, mask=mask)
         return attention(q, k, v, scale=scale, mask=mask)
 
     scaled_dot_product_attention.__wrapped__ = original  # MLX's own, for comparison
