@@ -28,6 +28,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <vector>
 
 #ifndef __AVX512F__
 #error "needs AVX-512"
@@ -178,6 +179,7 @@ inline void shifted_exp_row(long n, const float* x, float m, float* out) {
                           exp_mlx(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, x + j), shift)));
   }
 }
+
 // OpenBLAS's small-matrix sgemm kernels for AVX-512 (kernel/x86_64/sgemm_small_kernel_tn_
 // and _nn_skylakex.c) are what MLX's matmuls reach at a decode step's attention: each query
 // times a sequence's keys (TN: a dot product per key, 16 lanes summed over the head's
@@ -387,13 +389,14 @@ void rope(long batch, long heads, long steps, long d, long dims, long traditiona
 // CPU (worker/native_kernels.py `attention`) for one query per sequence: q [batch][n_kv *
 // repeats][dims] contiguous; k, v [batch][n_kv][length][dims] with the given strides (in
 // floats; dims contiguous, a multiple of 16); mask[b * mask_stride + j] zero where the key
-// is masked out, or null; out like q. scratch: HEADS * (length + dims) floats.
+// is masked out, or null; out like q.
 void decode_attention(long batch, long n_kv, long repeats, long length, long dims, float scale,
                       const float* q, const float* k, long ksb, long ksn, long kst,
                       const float* v, long vsb, long vsn, long vst, const unsigned char* mask,
-                      long mask_stride, float* scratch, float* out) {
-  float* scores = scratch;
-  float* scaled = scratch + HEADS * length;
+                      long mask_stride, float* out) {
+  std::vector<float> scratch(HEADS * (length + dims));
+  float* scores = scratch.data();
+  float* scaled = scores + HEADS * length;
   for (long b = 0; b < batch; ++b) {
     for (long g = 0; g < n_kv; ++g) {
       const float* kg = k + b * ksb + g * ksn;

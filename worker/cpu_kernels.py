@@ -36,7 +36,7 @@ SIGNATURES = {
     "shifted_exp": [_LONG, _LONG, _POINTER, _POINTER, _POINTER],
     "rope": [_LONG] * 6 + [_POINTER, _LONG, _LONG, _LONG, _POINTER, _POINTER, _POINTER],
     "decode_attention": [_LONG] * 5 + [ctypes.c_float] + [_POINTER, _POINTER] + [_LONG] * 3
-    + [_POINTER] + [_LONG] * 3 + [_POINTER, _LONG, _POINTER, _POINTER],
+    + [_POINTER] + [_LONG] * 3 + [_POINTER, _LONG, _POINTER],
 }
 
 _loaded: ctypes.CDLL | None | bool = False  # False: not tried yet

@@ -29,7 +29,6 @@ from nightshift.worker import cpu_kernels
 log = logging.getLogger(__name__)
 
 ENV = "NIGHTSHIFT_DECODE_ATTENTION"  # "0": MLX's ops
-HEADS = 4  # query heads a pass serves together (cpu_kernels.cpp HEADS)
 # OpenBLAS takes its small TN kernel (the queries times the keys) while M x N <= 1200,
 # here the context length times one query (sgemm_small_kernel_permit_skylakex.c), and
 # its small kernels at all while M x N x K <= 100^3.
@@ -79,7 +78,6 @@ def attend(q, k, v, *, scale: float, mask=None):
     batch, heads, _, dims = queries.shape
     n_kv, length = keys.shape[1], keys.shape[2]
     out = np.empty_like(queries)
-    scratch = np.empty(HEADS * (length + dims), np.float32)
     mask_pointer, mask_stride = None, 0
     if mask is not None:
         flags = np.asarray(mask)
@@ -92,7 +90,7 @@ def attend(q, k, v, *, scale: float, mask=None):
     cpu_kernels.library().decode_attention(
         batch, n_kv, heads // n_kv, length, dims, scale, cpu_kernels.pointer(queries),
         cpu_kernels.pointer(keys), *ks, cpu_kernels.pointer(values), *vs, mask_pointer,
-        mask_stride, cpu_kernels.pointer(scratch), cpu_kernels.pointer(out))
+        mask_stride, cpu_kernels.pointer(out))
     return mx.array(out)
 
 
